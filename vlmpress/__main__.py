@@ -1,0 +1,5 @@
+import sys
+
+from vlmpress.cli import main
+
+sys.exit(main())

@@ -1,0 +1,195 @@
+"""The adapter interface: everything vlmpress needs to know about one model family.
+
+An adapter wraps a loaded model and answers four questions:
+
+1. *Which layers can be compressed?*  :meth:`ModelAdapter.target_layers` returns every candidate
+   linear layer with its group (``vision``/``text`` for CLIP, ``decoder`` for LLMs) and kind
+   (``attn``/``mlp``; the paper's clustered allocation assigns one tolerance per kind).
+2. *How does calibration data flow through a group?*  :meth:`ModelAdapter.calibration_forward`
+   runs one batch of the group's modality through the model with a covariance collector attached
+   (and tells the collector which positions are real tokens).
+3. *How is the architecture rebuilt without downloading weights?*  :meth:`spec_config` /
+   :meth:`build_from_spec_config` (used by ``load_compressed``).
+4. *How is a dense, stock checkpoint written?*  :meth:`export_dense`.
+
+Vision-language adapters additionally implement :class:`VisionLanguageAdapter` (preprocess,
+tokenize, encode_image, encode_text), which is all the zero-shot harness uses.
+"""
+
+from __future__ import annotations
+
+import re
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, ClassVar
+
+import torch
+from torch import nn
+
+from vlmpress.errors import ConfigError
+
+
+@dataclass
+class TargetLayer:
+    """A compressible layer: its dotted module path, group, kind and the module itself."""
+
+    name: str
+    group: str
+    kind: str  # "attn" | "mlp" | "other"
+    module: nn.Module
+
+    @property
+    def weight_matrix(self) -> torch.Tensor:
+        """The layer's weight as an (out x in) matrix (GPT-2 Conv1D stores it transposed)."""
+        return weight_matrix(self.module)
+
+
+def weight_matrix(module: nn.Module) -> torch.Tensor:
+    """(out x in) view of a linear-like module's weight."""
+    if isinstance(module, nn.Linear):
+        return module.weight
+    if type(module).__name__ == "Conv1D" and hasattr(module, "nf"):  # transformers GPT-2: y = x @ W + b
+        return module.weight.T
+    raise TypeError(f"unsupported layer type {type(module).__name__}")
+
+
+def get_submodule_parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    """peft-style parent lookup: (parent module, attribute name) for a dotted path."""
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    return parent, child
+
+
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
+    """Swap the module at dotted path ``name`` for ``new`` in place; returns the old one."""
+    parent, child = get_submodule_parent(model, name)
+    old = getattr(parent, child)
+    setattr(parent, child, new)
+    return old
+
+
+def select_targets(
+    layers: Sequence[TargetLayer],
+    targets: Sequence[str] | None = None,
+    exclude: Sequence[str] | None = None,
+) -> list[TargetLayer]:
+    """Filter layers by regexes on their names (peft's ``target_modules``/``exclude_modules``).
+
+    A layer is kept when it matches (``re.search``) any ``targets`` pattern (all layers when
+    ``targets`` is empty) and no ``exclude`` pattern.
+    """
+    try:
+        inc = [re.compile(p) for p in (targets or [])]
+        exc = [re.compile(p) for p in (exclude or [])]
+    except re.error as err:
+        raise ConfigError(f"invalid layer-name regex: {err}") from None
+    kept = [
+        layer
+        for layer in layers
+        if (not inc or any(p.search(layer.name) for p in inc)) and not any(p.search(layer.name) for p in exc)
+    ]
+    return kept
+
+
+class ModelAdapter(ABC):
+    """Base class for one model family. Subclasses register with :func:`register_adapter`."""
+
+    #: registry key, e.g. ``"open_clip"``
+    family: ClassVar[str]
+    #: groups of target layers, e.g. ``("vision", "text")`` or ``("decoder",)``
+    groups: ClassVar[tuple[str, ...]]
+    #: calibration modality per group: "images", "texts" (captions) or "tokens" (LM text)
+    group_modality: ClassVar[dict[str, str]]
+
+    def __init__(self, model: nn.Module, spec: str):
+        self.model = model
+        self.spec = spec
+
+    # ------------------------------------------------------------------ discovery / loading
+    @classmethod
+    @abstractmethod
+    def accepts(cls, spec: str) -> bool:
+        """True when this adapter understands the model spec string."""
+
+    @classmethod
+    @abstractmethod
+    def load(cls, spec: str, *, device: str | torch.device = "cpu", **kwargs: Any) -> "ModelAdapter":
+        """Load the model named by ``spec`` (pretrained weights when the spec names them)."""
+
+    @abstractmethod
+    def spec_config(self) -> dict:
+        """JSON-serialisable description that rebuilds the architecture with no download."""
+
+    @classmethod
+    @abstractmethod
+    def build_from_spec_config(cls, config: dict, *, device: str | torch.device = "cpu") -> "ModelAdapter":
+        """Rebuild the (randomly initialised) architecture from :meth:`spec_config` output."""
+
+    # ------------------------------------------------------------------ compression hooks
+    def prepare_for_compression(self) -> None:
+        """Make every target an explicit linear layer (e.g. split packed attention). Idempotent.
+
+        Must leave the model's outputs unchanged (tested to 1e-5 in fp32).
+        """
+
+    @abstractmethod
+    def target_layers(self) -> list[TargetLayer]:
+        """All candidate layers, after :meth:`prepare_for_compression`."""
+
+    @abstractmethod
+    def calibration_forward(self, group: str, batch: Any, collector) -> None:
+        """Run one calibration batch of ``group``'s modality through the model.
+
+        ``batch`` is a preprocessed image tensor for "images" groups, a list of strings for
+        "texts" groups and a dict with ``input_ids``/``attention_mask`` for "tokens" groups.
+        Adapters wrap the forward in ``collector.mask(valid)`` when some positions must not count
+        (text padding after the end-of-text token).
+        """
+
+    @abstractmethod
+    def export_dense(self, out_dir: str | Path) -> None:
+        """Write the (already merged, dense) model as a stock checkpoint of its family."""
+
+    # ------------------------------------------------------------------ conveniences
+    @property
+    def device(self) -> torch.device:
+        try:
+            return next(self.model.parameters()).device
+        except StopIteration:  # pragma: no cover
+            return torch.device("cpu")
+
+    def to(self, device) -> "ModelAdapter":
+        self.model.to(device)
+        return self
+
+    def eval(self) -> "ModelAdapter":
+        self.model.eval()
+        return self
+
+
+class VisionLanguageAdapter(ModelAdapter):
+    """CLIP-style model with separate image and text towers (what the zero-shot harness uses)."""
+
+    groups = ("vision", "text")
+    group_modality = {"vision": "images", "text": "texts"}
+
+    #: PIL image -> float tensor (C, H, W), the model's own eval transform
+    preprocess: Callable
+
+    @abstractmethod
+    def tokenize(self, texts: Sequence[str]) -> Any:
+        """Tokenised batch for :meth:`encode_text` (tensor or dict of tensors)."""
+
+    @abstractmethod
+    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(batch, dim) image embeddings, *not* normalised."""
+
+    @abstractmethod
+    def encode_text(self, tokens: Any) -> torch.Tensor:
+        """(batch, dim) text embeddings, *not* normalised."""
+
+    def logit_scale(self) -> float:
+        """The model's learned temperature (informational; zero-shot top-k does not need it)."""
+        return 1.0
