@@ -1,0 +1,132 @@
+"""Rank planning: per-layer ranks from tolerances or ratios, and solving for a target reduction.
+
+Rank selection is data-agnostic (it uses only each weight's singular values, as in the paper), so
+planning is cheap: a target reduction is met by bisection on a tolerance scale without touching
+calibration data. Layers whose rank would not save parameters stay dense and count as dense.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from vlmpress.core.rank import lowrank_params, ratio_rank, saves_parameters, tolerance_ranks
+from vlmpress.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+TARGET_TOLERANCE = 0.005  # a target reduction is met when within 0.5 percentage points
+
+
+@dataclass
+class LayerPlan:
+    """What rank planning needs to know about one target layer."""
+
+    name: str
+    group: str
+    kind: str
+    out_features: int
+    in_features: int
+    bias: bool
+    singular_values: torch.Tensor | None = None  # float64, descending
+
+    @property
+    def dense_params(self) -> int:
+        return self.out_features * self.in_features + (self.out_features if self.bias else 0)
+
+    def params_at(self, rank: int | None) -> int:
+        """Parameters with a rank-``rank`` factorisation, or dense when it would not save any."""
+        if rank is None or not saves_parameters(self.out_features, self.in_features, rank):
+            return self.dense_params
+        return lowrank_params(self.out_features, self.in_features, rank, self.bias)
+
+
+def tolerance_key(layer: LayerPlan, tolerances: dict[str, float]) -> str:
+    """Which tolerance applies to a layer: ``group.kind`` > ``group`` > ``kind`` > ``*``."""
+    for key in (f"{layer.group}.{layer.kind}", layer.group, layer.kind, "*"):
+        if key in tolerances:
+            return key
+    raise ConfigError(
+        f"no tolerance applies to layer '{layer.name}' (group '{layer.group}', kind '{layer.kind}'); "
+        f"given: {', '.join(tolerances) or 'none'}. Pass --eps for all layers, or one per group (--eps-v/--eps-t)."
+    )
+
+
+def ranks_from_tolerances(layers: list[LayerPlan], tolerances: dict[str, float]) -> dict[str, int]:
+    ranks = {}
+    for layer in layers:
+        if layer.singular_values is None:
+            raise ValueError(f"layer {layer.name} has no spectrum")
+        ranks[layer.name] = tolerance_ranks(layer.singular_values, [tolerances[tolerance_key(layer, tolerances)]])[0]
+    return ranks
+
+
+def ranks_from_ratio(layers: list[LayerPlan], ratio: float) -> dict[str, int]:
+    return {layer.name: ratio_rank(layer.out_features, layer.in_features, ratio) for layer in layers}
+
+
+def reduction_of(layers: list[LayerPlan], ranks: dict[str, int]) -> float:
+    """Fraction of the targeted layers' parameters removed by ``ranks`` (dense fallback included)."""
+    before = sum(layer.dense_params for layer in layers)
+    after = sum(layer.params_at(ranks.get(layer.name)) for layer in layers)
+    return 1.0 - after / before if before else 0.0
+
+
+def _bisect(fn: Callable[[float], float], target: float, lo: float, hi: float, iters: int = 50) -> tuple[float, float]:
+    """Closest point to ``target`` of a non-decreasing step function on [lo, hi]: (x, fn(x))."""
+    f_lo, f_hi = fn(lo), fn(hi)
+    if target <= f_lo:
+        return lo, f_lo
+    if target >= f_hi:
+        return hi, f_hi
+    for _ in range(iters):
+        mid = 0.5 * (lo + hi)
+        f_mid = fn(mid)
+        if f_mid < target:
+            lo, f_lo = mid, f_mid
+        else:
+            hi, f_hi = mid, f_mid
+    return (lo, f_lo) if abs(f_lo - target) < abs(f_hi - target) else (hi, f_hi)
+
+
+def tolerances_for_target(
+    layers: list[LayerPlan], target: float, weights: dict[str, float]
+) -> tuple[dict[str, float], float]:
+    """Tolerances ``eps_k = min(1, s * weights[k])`` with s chosen so the reduction is closest to ``target``.
+
+    ``weights`` fixes the proportion between groups (``{"*": 1}`` = one shared eps;
+    ``{"vision": 1.3, "text": 0.7}`` = a fixed eps_v:eps_t split).
+    """
+    if not weights:
+        raise ConfigError("no tolerance weights given")
+    for layer in layers:
+        tolerance_key(layer, weights)  # every layer must be covered
+    s_max = 1.0 / min(weights.values())
+
+    def tolerances(s: float) -> dict[str, float]:
+        return {k: min(1.0, s * w) for k, w in weights.items()}
+
+    s, achieved = _bisect(lambda s: reduction_of(layers, ranks_from_tolerances(layers, tolerances(s))), target, 0.0, s_max)
+    _warn_if_off(target, achieved, "tolerance")
+    return tolerances(s), achieved
+
+
+def ratio_for_target(layers: list[LayerPlan], target: float) -> tuple[float, float]:
+    """Uniform ratio whose (floored) ranks remove the fraction of parameters closest to ``target``."""
+    ratio, achieved = _bisect(lambda r: reduction_of(layers, ranks_from_ratio(layers, r)), target, 1e-6, 1 - 1e-6)
+    _warn_if_off(target, achieved, "ratio")
+    return ratio, achieved
+
+
+def _warn_if_off(target: float, achieved: float, what: str) -> None:
+    if abs(achieved - target) > TARGET_TOLERANCE:
+        logger.warning(
+            "target reduction %.1f%% not reachable within 0.5 points by a %s search (achieved %.2f%%): "
+            "the model has too few / too small target layers for finer steps",
+            100 * target,
+            what,
+            100 * achieved,
+        )

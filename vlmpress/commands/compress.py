@@ -1,0 +1,108 @@
+"""``vlmpress compress``: compress a model and save it (+ per-layer report)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+from vlmpress.config import ALLOCATIONS, METHODS, CompressionConfig
+from vlmpress.errors import ConfigError
+
+HELP = "compress a model with PGSVD / SVD-ALS / SVD-LLM / SVD and save it"
+logger = logging.getLogger(__name__)
+
+
+def _proportion(text: str) -> dict[str, float]:
+    """'vision=1.3,text=0.7' -> {'vision': 1.3, 'text': 0.7}"""
+    out = {}
+    for part in text.split(","):
+        key, sep, value = part.partition("=")
+        try:
+            out[key.strip()] = float(value)
+        except ValueError:
+            sep = ""
+        if not sep or not key.strip():
+            raise argparse.ArgumentTypeError(f"expected KEY=VALUE pairs like 'vision=1.3,text=0.7', got '{text}'")
+    return out
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", help="model spec (open_clip:NAME[/PRETRAINED], hf:NAME_OR_DIR) or a compressed dir")
+    p.add_argument("--config", help="YAML recipe (keys of CompressionConfig); flags override it")
+    p.add_argument("--out", required=True, help="output directory for the compressed checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="replace an output directory holding something else")
+    p.add_argument("--export-dense", metavar="DIR", help="also write a merged, stock checkpoint of the family here")
+    g = p.add_argument_group("method and ranks")
+    g.add_argument("--method", choices=list(METHODS))
+    g.add_argument("--eps", type=float, help="one tolerance for every layer (pgsvd)")
+    g.add_argument("--eps-v", type=float, help="vision tower tolerance (pgsvd)")
+    g.add_argument("--eps-t", type=float, help="text tower tolerance (pgsvd)")
+    g.add_argument("--eps-attn", type=float, help="attention layers tolerance (clustered allocation)")
+    g.add_argument("--eps-mlp", type=float, help="MLP layers tolerance (clustered allocation)")
+    g.add_argument("--ratio", type=float, help="uniform methods: fraction of each layer's parameters to remove")
+    g.add_argument("--target-reduction", type=float, help="fraction of the targeted layers' parameters to remove")
+    g.add_argument("--allocation", choices=ALLOCATIONS, help="split of a target reduction between towers")
+    g.add_argument("--eps-proportion", type=_proportion, help="fixed eps proportion, e.g. vision=1.3,text=0.7")
+    g.add_argument("--als-iters", type=int)
+    g.add_argument("--targets", nargs="+", help="regexes: only layers whose name matches one")
+    g.add_argument("--exclude", nargs="+", help="regexes: skip layers whose name matches one")
+    c = p.add_argument_group("calibration")
+    c.add_argument("--calib-images", help="folder of images (sub-folders = classes) or a registered dataset name")
+    c.add_argument("--calib-captions", help="text file, one caption per line")
+    c.add_argument("--calib-text", help="LLMs: text file or local Hugging Face dataset")
+    c.add_argument("--n-images", type=int)
+    c.add_argument("--n-captions", type=int)
+    c.add_argument("--n-samples", type=int, help="LLMs: number of calibration windows")
+    c.add_argument("--seq-len", type=int, help="LLMs: calibration window length")
+    c.add_argument("--batch-size", type=int)
+    c.add_argument("--data-root", help="root of registered datasets (default $VLMPRESS_DATA)")
+    c.add_argument("--seed", type=int)
+    e = p.add_argument_group("execution")
+    e.add_argument("--device", help="auto (cuda when present), cpu or cuda[:N]")
+    e.add_argument("--mode", choices=["whole", "sequential"], help="LLMs: sequential = one block at a time")
+    e.add_argument("--propagate", choices=["original", "compressed"], help="sequential mode: outputs fed forward")
+
+
+_FLAG_FIELDS = (
+    "model", "method", "eps", "eps_v", "eps_t", "eps_attn", "eps_mlp", "ratio", "target_reduction", "allocation",
+    "eps_proportion", "als_iters", "targets", "exclude", "calib_images", "calib_captions", "calib_text", "n_images",
+    "n_captions", "n_samples", "seq_len", "batch_size", "data_root", "seed", "device", "mode", "propagate",
+)
+
+
+def config_from_args(args: argparse.Namespace) -> CompressionConfig:
+    base = CompressionConfig.from_yaml(args.config) if args.config else CompressionConfig()
+    config = base.replace(**{name: getattr(args, name, None) for name in _FLAG_FIELDS})
+    if not config.model:
+        raise ConfigError("no model given: pass --model SPEC or set 'model' in the --config file")
+    return config.validate()
+
+
+def run(args: argparse.Namespace) -> int:
+    from vlmpress.adapters import adapter_for_spec, is_compressed_dir
+    from vlmpress.checkpoint import check_output_dir, export_dense, save_compressed
+    from vlmpress.compress import compress, load_calibration, resolve_device
+
+    config = config_from_args(args)
+    if is_compressed_dir(config.model):
+        raise ConfigError(f"{config.model} is already a compressed checkpoint; compress the original model instead")
+    # cheap checks first, before any model is loaded
+    check_output_dir(args.out, config.model, args.overwrite)
+    adapter_cls = adapter_for_spec(config.model)
+    resolve_device(config.device)
+    calibration = load_calibration(adapter_cls, config)
+    adapter = adapter_cls.load(config.model, device=resolve_device(config.device))
+    if config.allocation == "auto" and config.target_reduction is not None and config.rank_rule == "tolerance":
+        from vlmpress.auto_allocation import auto_compress
+
+        report = auto_compress(adapter, config, calibration)
+    else:
+        report = compress(adapter, config, calibration)
+    print(report.format_table(max_rows=60))
+    out = save_compressed(adapter, args.out, report, overwrite=args.overwrite)
+    print(f"\nsaved: {out}  (report: {out / 'compression_report.json'}, {out / 'compression_report.csv'})")
+    if args.export_dense:
+        dense = export_dense(adapter, args.export_dense, overwrite=args.overwrite)
+        print(f"dense export: {dense}")
+    return 0

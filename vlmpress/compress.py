@@ -1,0 +1,325 @@
+"""The compression pipeline: select layers, plan ranks, calibrate, factorise, swap in LowRankLinear.
+
+    adapter = load_model("open_clip:ViT-B-16/openai")
+    calib = build_calibration_set("images/", "captions.txt")
+    report = compress(adapter, CompressionConfig(method="pgsvd", eps_v=0.3, eps_t=0.5), calib)
+
+Ranks come from each weight's spectrum (data-agnostic, as in the paper); the activations (input
+covariances gathered per group with that group's own modality) only refine the factors.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, Iterable
+
+import torch
+from tqdm.auto import tqdm
+
+from vlmpress.adapters.base import ModelAdapter, TargetLayer, replace_module, select_targets
+from vlmpress.allocation import (
+    LayerPlan,
+    ranks_from_ratio,
+    ranks_from_tolerances,
+    ratio_for_target,
+    reduction_of,
+    tolerance_key,
+    tolerances_for_target,
+)
+from vlmpress.config import CompressionConfig
+from vlmpress.core.covariance import CovarianceCollector
+from vlmpress.core.lowrank import LowRankLinear
+from vlmpress.core.rank import break_even_rank, saves_parameters
+from vlmpress.core.solvers import factorize, svd_of
+from vlmpress.errors import CalibrationError, ConfigError
+from vlmpress.report import CompressionReport, LayerReport
+
+logger = logging.getLogger(__name__)
+
+SVD_CACHE_BYTES = 4 * 2**30  # keep full SVDs from rank planning for the solvers up to this size
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device 'cuda' requested but no CUDA device is available; use --device cpu or auto")
+    return device
+
+
+def count_parameters(module: torch.nn.Module) -> int:
+    """Distinct parameters of a module (tied weights counted once)."""
+    seen, total = set(), 0
+    for p in module.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            total += p.numel()
+    return total
+
+
+def _layer_bias(module: torch.nn.Module) -> torch.Tensor | None:
+    return getattr(module, "bias", None)
+
+
+def select_layers(adapter: ModelAdapter, config: CompressionConfig) -> list[TargetLayer]:
+    adapter.prepare_for_compression()
+    candidates = adapter.target_layers()
+    selected = select_targets(candidates, config.targets, config.exclude)
+    if not selected:
+        examples = ", ".join(layer.name for layer in candidates[:4])
+        raise ConfigError(
+            f"no layer matched targets={config.targets or ['<all>']} exclude={config.exclude or []}; "
+            f"{len(candidates)} candidate layers, e.g. {examples}"
+        )
+    return selected
+
+
+def _spectra(layers: list[TargetLayer], device: torch.device, keep_vectors: bool) -> tuple[dict, dict, dict]:
+    """Singular values per layer (and the full SVD when it fits the cache budget), with seconds spent."""
+    values, cache, seconds = {}, {}, {}
+    budget = SVD_CACHE_BYTES if keep_vectors else 0
+    for layer in tqdm(layers, desc="spectra", unit="layer", leave=False):
+        t0 = time.perf_counter()
+        W = layer.weight_matrix.detach()
+        n, m = W.shape
+        need = 8 * (n * min(n, m) + min(n, m) * m)
+        if need <= budget:
+            U, S, Vh = svd_of(W, device)
+            cache[layer.name] = (U, S, Vh)
+            budget -= need
+        else:
+            S = torch.linalg.svdvals(W.to(device=device, dtype=torch.float64))
+        values[layer.name] = S.cpu()
+        seconds[layer.name] = time.perf_counter() - t0
+    return values, cache, seconds
+
+
+def plan_ranks(
+    plans: list[LayerPlan], config: CompressionConfig, tolerances: dict[str, float] | None = None
+) -> tuple[dict[str, int], dict[str, float], float | None]:
+    """(ranks, tolerances used, ratio used) for the config's rank rule."""
+    if config.rank_rule == "tolerance":
+        if tolerances is None:
+            if config.target_reduction is not None:
+                if config.allocation == "shared":
+                    weights = {"*": 1.0}
+                elif config.allocation == "proportion":
+                    weights = dict(config.eps_proportion)
+                else:
+                    raise ConfigError("allocation 'auto' is resolved by vlmpress.auto_allocation before planning")
+                tolerances, _ = tolerances_for_target(plans, config.target_reduction, weights)
+            else:
+                tolerances = config.group_tolerances()
+        return ranks_from_tolerances(plans, tolerances), tolerances, None
+    ratio = config.ratio
+    if ratio is None:
+        ratio, _ = ratio_for_target(plans, config.target_reduction)
+    return ranks_from_ratio(plans, ratio), {}, ratio
+
+
+def _calibration_batches(adapter: ModelAdapter, group: str, calibration: Any, config: CompressionConfig) -> Iterable:
+    modality = adapter.group_modality[group]
+    if modality == "images":
+        from vlmpress.data.calibration import image_batches
+
+        if not calibration.images:
+            raise CalibrationError(f"group '{group}' needs calibration images but none were given")
+        return image_batches(calibration.images, adapter.preprocess, config.batch_size, config.num_workers)
+    if modality == "texts":
+        from vlmpress.data.calibration import caption_batches
+
+        if not calibration.captions:
+            raise CalibrationError(f"group '{group}' needs calibration captions but none were given")
+        return caption_batches(calibration.captions, config.batch_size)
+    if modality == "tokens":
+        return adapter.token_batches(calibration, config.batch_size)  # type: ignore[attr-defined]
+    raise ConfigError(f"adapter {adapter.family} declares unknown modality '{modality}' for group '{group}'")
+
+
+def calibrate(
+    adapter: ModelAdapter,
+    layers: list[TargetLayer],
+    calibration: Any,
+    config: CompressionConfig,
+    *,
+    storage_device: torch.device | None = None,
+) -> dict[str, CovarianceCollector]:
+    """Collect input covariances for ``layers``, one pass per group with that group's data."""
+    collectors: dict[str, CovarianceCollector] = {}
+    by_group: dict[str, list[TargetLayer]] = {}
+    for layer in layers:
+        by_group.setdefault(layer.group, []).append(layer)
+    model = adapter.model
+    was_training = model.training
+    model.eval()
+    try:
+        for group, group_layers in by_group.items():
+            collector = CovarianceCollector(
+                {layer.name: layer.module for layer in group_layers},
+                accumulate_dtype=config.accumulate_dtype,
+                storage_device=storage_device,
+            )
+            batches = _calibration_batches(adapter, group, calibration, config)
+            with collector, torch.no_grad():
+                for batch in tqdm(batches, desc=f"calibrate {group}", unit="batch", leave=False):
+                    adapter.calibration_forward(group, batch, collector)
+            collector.check_complete()
+            collectors[group] = collector
+    finally:
+        model.train(was_training)
+    return collectors
+
+
+def compress(
+    adapter: ModelAdapter,
+    config: CompressionConfig,
+    calibration: Any = None,
+    *,
+    tolerances: dict[str, float] | None = None,
+    collectors: dict[str, CovarianceCollector] | None = None,
+) -> CompressionReport:
+    """Compress ``adapter.model`` in place according to ``config``; returns the per-layer report.
+
+    ``tolerances`` overrides the config's tolerances (used by the auto allocation search), and
+    ``collectors`` reuses covariances gathered earlier on the same, still uncompressed model.
+    """
+    config.validate()
+    t_start = time.perf_counter()
+    device = resolve_device(config.device)
+    layers = select_layers(adapter, config)
+    whole_before = count_parameters(adapter.model)
+
+    plans = [
+        LayerPlan(
+            layer.name, layer.group, layer.kind, *layer.weight_matrix.shape, _layer_bias(layer.module) is not None
+        )
+        for layer in layers
+    ]
+    keep_vectors = config.solver in ("svd", "als")
+    t0 = time.perf_counter()
+    if config.rank_rule == "tolerance" or keep_vectors:
+        spectra, svd_cache, svd_seconds = _spectra(layers, device, keep_vectors)
+        for plan in plans:
+            plan.singular_values = spectra[plan.name]
+    else:
+        svd_cache, svd_seconds = {}, {}
+    t_spectra = time.perf_counter() - t0
+
+    ranks, used_tolerances, ratio = plan_ranks(plans, config, tolerances)
+    compressible = [
+        (layer, plan) for layer, plan in zip(layers, plans) if saves_parameters(plan.out_features, plan.in_features, ranks[plan.name])
+    ]
+    logger.info(
+        "%s: %d target layers, %d factorised (planned reduction of targeted parameters %.2f%%)",
+        config.method,
+        len(layers),
+        len(compressible),
+        100 * reduction_of(plans, ranks),
+    )
+
+    t0 = time.perf_counter()
+    if config.needs_activations and compressible:
+        if collectors is None:
+            if calibration is None:
+                raise CalibrationError(f"method {config.method} needs calibration data (images and captions)")
+            collectors = calibrate(adapter, [layer for layer, _ in compressible], calibration, config)
+    t_calib = time.perf_counter() - t0
+
+    reports: list[LayerReport] = []
+    compressible_names = {layer.name for layer, _ in compressible}
+    t0 = time.perf_counter()
+    for layer, plan in zip(layers, plans):
+        rank = ranks[plan.name]
+        tol = used_tolerances[tolerance_key(plan, used_tolerances)] if used_tolerances else None
+        if layer.name not in compressible_names:
+            reports.append(
+                LayerReport(
+                    plan.name, plan.group, plan.kind, plan.out_features, plan.in_features, None,
+                    f"dense (rank {rank} >= break-even {break_even_rank(plan.out_features, plan.in_features):.1f})",
+                    plan.dense_params, plan.dense_params, tol, ratio,
+                )
+            )
+    progress = tqdm(compressible, desc="factorise", unit="layer", leave=False)
+    for layer, plan in progress:
+        rank = ranks[plan.name]
+        tol = used_tolerances[tolerance_key(plan, used_tolerances)] if used_tolerances else None
+        W = layer.weight_matrix.detach()
+        M, tokens = None, None
+        if config.needs_activations:
+            collector = collectors[layer.group]
+            M = collector.covariance(layer.name)
+            tokens = collector.token_count(layer.name)
+        t_layer = time.perf_counter()
+        result = factorize(
+            config.solver, W, rank, M, device=device, iters=config.als_iters, svd=svd_cache.pop(layer.name, None)
+        )
+        bias = _layer_bias(layer.module)
+        new = LowRankLinear.from_factors(result.A, result.B, bias, dtype=W.dtype, device=W.device)
+        if not all(torch.isfinite(p).all() for p in new.parameters()):
+            raise FloatingPointError(f"non-finite factors for layer {layer.name}; the model was not modified further")
+        replace_module(adapter.model, layer.name, new)
+        seconds = time.perf_counter() - t_layer + svd_seconds.get(layer.name, 0.0)
+        reports.append(
+            LayerReport(
+                plan.name, plan.group, plan.kind, plan.out_features, plan.in_features, rank, "compressed",
+                plan.dense_params, new.num_parameters(), tol, ratio, result.weight_rel_error,
+                result.act_rel_error_init, result.act_rel_error, tokens, seconds,
+            )
+        )
+    t_factor = time.perf_counter() - t0
+    order = {layer.name: i for i, layer in enumerate(layers)}
+    reports.sort(key=lambda r: order[r.name])
+
+    calib_info = {}
+    if calibration is not None and hasattr(calibration, "describe"):
+        calib_info = calibration.describe()
+    report = CompressionReport(
+        model=adapter.spec,
+        method=config.method,
+        solver=config.solver,
+        rank_rule=config.rank_rule,
+        layers=reports,
+        tolerances=used_tolerances,
+        ratio=ratio,
+        target_reduction=config.target_reduction,
+        allocation=config.allocation if config.target_reduction is not None and config.rank_rule == "tolerance" else None,
+        whole_model_params_before=whole_before,
+        whole_model_params_after=count_parameters(adapter.model),
+        calibration=calib_info,
+        seconds={
+            "spectra": t_spectra,
+            "calibration": t_calib,
+            "factorisation": t_factor,
+            "total": time.perf_counter() - t_start,
+        },
+        config=config.to_dict(),
+    )
+    adapter.compression_report = report  # type: ignore[attr-defined]
+    return report
+
+
+def load_calibration(adapter_cls, config: CompressionConfig):
+    """Calibration data for an adapter family, resolved from the config (before the model loads).
+
+    Vision-language families get images + captions; families that calibrate on token windows
+    (LLMs) provide ``load_calibration(config)`` themselves.
+    """
+    if not config.needs_activations:
+        return None
+    modalities = set(adapter_cls.group_modality.values())
+    if "tokens" in modalities:
+        return adapter_cls.load_calibration(config)  # type: ignore[attr-defined]
+    from vlmpress.data.calibration import build_calibration_set
+
+    return build_calibration_set(
+        config.calib_images,
+        config.calib_captions,
+        n_images=config.n_images,
+        n_captions=config.n_captions,
+        seed=config.seed,
+        data_root=config.data_root,
+        need_images="images" in modalities,
+        need_captions="texts" in modalities,
+    )

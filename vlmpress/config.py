@@ -1,0 +1,175 @@
+"""Compression recipe: a dataclass that maps 1:1 to the YAML files in ``configs/recipes/``.
+
+CLI flags override YAML values (``vlmpress compress --config recipe.yaml --eps-v 0.3``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from vlmpress.errors import ConfigError
+
+#: method -> (solver, rank rule). PGSVD = tolerance ranks + ALS; SVD-ALS = uniform ratio + ALS.
+METHODS: dict[str, tuple[str, str]] = {
+    "svd": ("svd", "ratio"),
+    "svd_llm": ("svd_llm", "ratio"),
+    "svd_als": ("als", "ratio"),
+    "pgsvd": ("als", "tolerance"),
+}
+
+#: how a target reduction is split between groups (towers) for tolerance-based methods
+ALLOCATIONS = ("shared", "proportion", "auto")
+
+#: display names used in reports
+METHOD_LABELS = {"svd": "SVD", "svd_llm": "SVD-LLM", "svd_als": "SVD-ALS", "pgsvd": "PGSVD", "base": "Base"}
+
+
+@dataclass
+class CompressionConfig:
+    """Everything that defines one compression run."""
+
+    model: str = ""
+    method: str = "pgsvd"
+    # --- rank selection
+    eps: float | None = None  # one tolerance for every group (pgsvd, or svd with tolerance ranks)
+    eps_v: float | None = None  # vision tower tolerance (CLIP)
+    eps_t: float | None = None  # text tower tolerance (CLIP)
+    eps_attn: float | None = None  # attention layers (clustered allocation, LLMs)
+    eps_mlp: float | None = None  # MLP layers (clustered allocation, LLMs)
+    ratio: float | None = None  # uniform methods: fraction of each layer's parameters removed
+    target_reduction: float | None = None  # fraction of the targeted layers' parameters to remove
+    allocation: str = "shared"  # shared | proportion | auto (how target_reduction is split across groups)
+    eps_proportion: dict[str, float] = field(default_factory=lambda: {"vision": 1.0, "text": 1.0})
+    als_iters: int = 10
+    # --- which layers
+    targets: list[str] = field(default_factory=list)  # regexes on layer names; empty = all candidates
+    exclude: list[str] = field(default_factory=list)
+    # --- calibration
+    calib_images: str | None = None  # folder of images, or a registered dataset name (e.g. caltech101)
+    calib_captions: str | None = None  # text file, one caption per line
+    calib_text: str | None = None  # LLMs: text file or local HF dataset
+    n_images: int = 256
+    n_captions: int = 256
+    n_samples: int = 256  # LLMs: number of token windows
+    seq_len: int = 2048  # LLMs: window length
+    batch_size: int = 32
+    num_workers: int = 0
+    data_root: str | None = None
+    seed: int = 0
+    accumulate_dtype: str = "float32"
+    # --- execution
+    device: str = "auto"  # where the factorisation runs: auto = cuda when present
+    mode: str = "whole"  # whole | sequential (LLMs: one decoder block at a time)
+    propagate: str = "compressed"  # sequential mode: feed next block the original or compressed outputs
+
+    # ------------------------------------------------------------------ validation
+    @property
+    def solver(self) -> str:
+        return METHODS[self.method][0]
+
+    @property
+    def rank_rule(self) -> str:
+        rule = METHODS[self.method][1]
+        if self.method == "svd" and self.ratio is None and self.target_reduction is None and self.has_tolerance:
+            return "tolerance"  # plain SVD with tolerance ranks (ablation)
+        return rule
+
+    @property
+    def needs_activations(self) -> bool:
+        return self.solver != "svd"
+
+    @property
+    def has_tolerance(self) -> bool:
+        return any(v is not None for v in (self.eps, self.eps_v, self.eps_t, self.eps_attn, self.eps_mlp))
+
+    def group_tolerances(self) -> dict[str, float]:
+        """Explicit tolerances keyed by group (vision/text) or kind (attn/mlp); '*' = everything."""
+        out: dict[str, float] = {}
+        if self.eps is not None:
+            out["*"] = self.eps
+        for key, value in (("vision", self.eps_v), ("text", self.eps_t), ("attn", self.eps_attn), ("mlp", self.eps_mlp)):
+            if value is not None:
+                out[key] = value
+        return out
+
+    def validate(self) -> "CompressionConfig":
+        if self.method not in METHODS:
+            raise ConfigError(f"method must be one of {', '.join(METHODS)}, got '{self.method}'")
+        for name in ("eps", "eps_v", "eps_t", "eps_attn", "eps_mlp"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, (int, float)) or not math.isfinite(value) or not 0 <= value <= 1):
+                raise ConfigError(f"{name.replace('_', '-')} must be a relative error in [0, 1], got {value}")
+        for name in ("ratio", "target_reduction"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, (int, float)) or not math.isfinite(value) or not 0 < value < 1):
+                raise ConfigError(f"{name.replace('_', '-')} must be a fraction strictly between 0 and 1, got {value}")
+        if self.allocation not in ALLOCATIONS:
+            raise ConfigError(f"allocation must be one of {', '.join(ALLOCATIONS)}, got '{self.allocation}'")
+        if any((not isinstance(v, (int, float))) or v <= 0 for v in self.eps_proportion.values()):
+            raise ConfigError(f"eps_proportion values must be positive numbers, got {self.eps_proportion}")
+        if self.als_iters < 0:
+            raise ConfigError(f"als_iters must be >= 0, got {self.als_iters}")
+        for name in ("n_images", "n_captions", "n_samples", "seq_len", "batch_size"):
+            if int(getattr(self, name)) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.accumulate_dtype not in ("float32", "float64"):
+            raise ConfigError(f"accumulate_dtype must be float32 or float64, got '{self.accumulate_dtype}'")
+        if self.mode not in ("whole", "sequential"):
+            raise ConfigError(f"mode must be 'whole' or 'sequential', got '{self.mode}'")
+        if self.propagate not in ("original", "compressed"):
+            raise ConfigError(f"propagate must be 'original' or 'compressed', got '{self.propagate}'")
+        rule = self.rank_rule
+        if self.target_reduction is not None and (self.ratio is not None or self.has_tolerance):
+            raise ConfigError("give either target-reduction or explicit eps/ratio values, not both")
+        if rule == "tolerance" and self.target_reduction is None and not self.has_tolerance:
+            raise ConfigError(f"method {self.method} needs a tolerance (--eps, or --eps-v/--eps-t) or --target-reduction")
+        if rule == "ratio":
+            if self.has_tolerance:
+                raise ConfigError(
+                    f"method {self.method} uses one uniform compression ratio per layer; use --ratio or "
+                    "--target-reduction (tolerances apply to pgsvd)"
+                )
+            if self.ratio is None and self.target_reduction is None:
+                raise ConfigError(f"method {self.method} needs --ratio or --target-reduction")
+        return self
+
+    # ------------------------------------------------------------------ YAML / dict round trip
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "CompressionConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"unknown config keys: {', '.join(unknown)}; known keys: {', '.join(sorted(known))}")
+        return cls(**data)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> "CompressionConfig":
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of keys to values")
+        return cls.from_dict(data)
+
+    def to_yaml(self, path: str | Path | None = None) -> str:
+        text = yaml.safe_dump(self.to_dict(), sort_keys=False)
+        if path is not None:
+            Path(path).write_text(text)
+        return text
+
+    def replace(self, **overrides: Any) -> "CompressionConfig":
+        """Copy with the non-None overrides applied (how CLI flags override YAML)."""
+        return dataclasses.replace(self, **{k: v for k, v in overrides.items() if v is not None})

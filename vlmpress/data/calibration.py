@@ -1,0 +1,199 @@
+"""Calibration inputs for CLIP-style models: a sample of images and a list of captions.
+
+Images come from a folder (recursively; sub-folder names are class names when present) or from a
+registered dataset's *train* split. Captions come from a text file (one per line) or, without one,
+from the class names of the calibration images filled into prompt templates. The source of each
+is recorded so reports say where the calibration data came from.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+from vlmpress.errors import CalibrationError
+
+logger = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm"}
+
+# A few of OpenAI CLIP's ImageNet prompt templates: generic enough for any class list.
+GENERIC_TEMPLATES = (
+    "a photo of a {}.",
+    "a bad photo of a {}.",
+    "a photo of many {}.",
+    "a low resolution photo of the {}.",
+    "a close-up photo of a {}.",
+    "a bright photo of a {}.",
+    "a cropped photo of the {}.",
+    "a photo of the large {}.",
+    "a photo of the small {}.",
+    "itap of a {}.",
+)
+
+
+@dataclass
+class CalibrationSet:
+    """Images (PIL images or file paths) and captions for calibrating both towers."""
+
+    images: Sequence[Any] = field(default_factory=list)
+    captions: list[str] = field(default_factory=list)
+    image_source: str = ""
+    caption_source: str = ""
+    class_names: list[str] | None = None
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "n_images": len(self.images),
+            "n_captions": len(self.captions),
+            "image_source": self.image_source,
+            "caption_source": self.caption_source,
+        }
+
+
+class _ImageList(Dataset):
+    """PIL images or paths -> model tensors through the adapter's preprocess."""
+
+    def __init__(self, items: Sequence[Any], transform: Callable):
+        self.items, self.transform = items, transform
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        item = self.items[i]
+        if isinstance(item, (str, Path)):
+            with Image.open(item) as img:
+                item = img.convert("RGB")
+        elif isinstance(item, Image.Image) and item.mode != "RGB":
+            item = item.convert("RGB")
+        return self.transform(item)
+
+
+def image_batches(images: Sequence[Any], transform: Callable, batch_size: int, num_workers: int = 0) -> DataLoader:
+    return DataLoader(_ImageList(images, transform), batch_size=batch_size, shuffle=False, num_workers=num_workers)
+
+
+def caption_batches(captions: Sequence[str], batch_size: int) -> list[list[str]]:
+    return [list(captions[i : i + batch_size]) for i in range(0, len(captions), batch_size)]
+
+
+def scan_image_folder(folder: str | Path) -> tuple[list[Path], list[str | None]]:
+    """All images under ``folder`` (sorted) and the class name of each (its top-level sub-folder)."""
+    root = Path(folder)
+    if not root.is_dir():
+        raise CalibrationError(f"calibration image folder not found: {root}")
+    paths = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    if not paths:
+        raise CalibrationError(
+            f"calibration image folder {root} holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))}); "
+            "point --calib-images at a folder of images (optionally one sub-folder per class)"
+        )
+    classes = [p.relative_to(root).parts[0] if len(p.relative_to(root).parts) > 1 else None for p in paths]
+    return paths, classes
+
+
+def _sample(items: Sequence[Any], n: int, seed: int) -> list[Any]:
+    if len(items) <= n:
+        return list(items)
+    idx = sorted(random.Random(seed).sample(range(len(items)), n))
+    return [items[i] for i in idx]
+
+
+def _readable_class(name: str) -> str:
+    return name.replace("_", " ").strip()
+
+
+def load_calibration_images(
+    source: str, n: int, seed: int = 0, data_root: str | None = None
+) -> tuple[list[Any], list[str] | None, str]:
+    """(images, class names or None, description) from a folder or a registered dataset's train split."""
+    if Path(source).expanduser().is_dir():
+        paths, classes = scan_image_folder(Path(source).expanduser())
+        chosen = _sample(list(zip(paths, classes)), n, seed)
+        names = sorted({_readable_class(c) for _, c in chosen if c is not None}) or None
+        return [p for p, _ in chosen], names, f"folder {source} ({len(chosen)} of {len(paths)} images)"
+    try:
+        from vlmpress.data import datasets as registry
+    except ImportError:  # pragma: no cover - dataset registry not available
+        registry = None
+    if registry is not None and source in getattr(registry, "DATASETS", {}):
+        ds = registry.build_dataset(source, split="train", root=data_root)
+        indices = _sample(list(range(len(ds))), n, seed)
+        images = [ds[i][0] for i in indices]
+        names = list(getattr(ds, "classnames", None) or [])
+        return images, names or None, f"dataset {source} train split ({len(images)} images)"
+    known = sorted(getattr(registry, "DATASETS", {})) if registry is not None else []
+    raise CalibrationError(
+        f"calibration images '{source}' is neither an existing folder nor a registered dataset"
+        + (f" (known datasets: {', '.join(known)})" if known else "")
+    )
+
+
+def load_captions(path: str | Path, n: int, seed: int = 0) -> list[str]:
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise CalibrationError(f"caption file not found: {path} (expected a text file with one caption per line)")
+    lines = [line.strip() for line in path.read_text(encoding="utf-8", errors="replace").splitlines()]
+    captions = [line for line in lines if line]
+    if not captions:
+        raise CalibrationError(f"caption file {path} is empty (expected one caption per line)")
+    return _sample(captions, n, seed)
+
+
+def captions_from_classes(
+    class_names: Sequence[str], n: int, seed: int = 0, templates: Sequence[str] = GENERIC_TEMPLATES
+) -> list[str]:
+    """``n`` captions cycling through classes, each with a seeded random template."""
+    if not class_names:
+        raise CalibrationError("no class names to build captions from")
+    rng = random.Random(seed)
+    names = list(class_names)
+    rng.shuffle(names)
+    return [rng.choice(list(templates)).format(names[i % len(names)]) for i in range(n)]
+
+
+def build_calibration_set(
+    images: str | None,
+    captions: str | None,
+    *,
+    n_images: int = 256,
+    n_captions: int = 256,
+    seed: int = 0,
+    data_root: str | None = None,
+    need_images: bool = True,
+    need_captions: bool = True,
+) -> CalibrationSet:
+    """Resolve the ``calib_images`` / ``calib_captions`` settings of a compression config."""
+    out = CalibrationSet()
+    if need_images or (need_captions and not captions):
+        if not images:
+            raise CalibrationError(
+                "calibration images are required: pass --calib-images FOLDER (or a registered dataset name)"
+            )
+        out.images, out.class_names, out.image_source = load_calibration_images(images, n_images, seed, data_root)
+        if not need_images:
+            out.images = []
+    if need_captions:
+        if captions:
+            out.captions = load_captions(captions, n_captions, seed)
+            out.caption_source = f"file {captions}"
+        elif out.class_names:
+            out.captions = captions_from_classes(out.class_names, n_captions, seed)
+            out.caption_source = (
+                f"class names of the calibration images ({len(out.class_names)} classes) x "
+                f"{len(GENERIC_TEMPLATES)} generic prompt templates"
+            )
+        else:
+            raise CalibrationError(
+                "no caption file given and the calibration images have no class sub-folders to build captions "
+                "from; pass --calib-captions FILE (one caption per line)"
+            )
+    return out

@@ -1,0 +1,180 @@
+"""Per-layer compression report: JSON, CSV and a printed table."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from vlmpress.io import atomic_write_text
+
+
+@dataclass
+class LayerReport:
+    name: str
+    group: str
+    kind: str
+    out_features: int
+    in_features: int
+    rank: int | None  # None: kept dense
+    status: str  # "compressed" or "dense (...reason...)"
+    params_before: int
+    params_after: int
+    tolerance: float | None = None
+    ratio: float | None = None
+    weight_error: float | None = None
+    act_error_init: float | None = None  # activation error of the SVD start (before ALS)
+    act_error: float | None = None  # activation error of the returned factors
+    tokens: int | None = None  # calibration tokens seen by the layer
+    seconds: float = 0.0
+
+    @property
+    def shape(self) -> str:
+        return f"{self.out_features}x{self.in_features}"
+
+
+@dataclass
+class CompressionReport:
+    model: str
+    method: str
+    solver: str
+    rank_rule: str
+    layers: list[LayerReport] = field(default_factory=list)
+    tolerances: dict[str, float] = field(default_factory=dict)
+    ratio: float | None = None
+    target_reduction: float | None = None
+    allocation: str | None = None
+    whole_model_params_before: int = 0
+    whole_model_params_after: int = 0
+    calibration: dict[str, Any] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+    config: dict[str, Any] = field(default_factory=dict)
+
+    # ------------------------------------------------------------------ totals
+    def group_totals(self) -> dict[str, dict[str, Any]]:
+        groups: dict[str, dict[str, Any]] = {}
+        for layer in self.layers:
+            g = groups.setdefault(
+                layer.group, {"layers": 0, "compressed": 0, "params_before": 0, "params_after": 0, "seconds": 0.0}
+            )
+            g["layers"] += 1
+            g["compressed"] += layer.rank is not None
+            g["params_before"] += layer.params_before
+            g["params_after"] += layer.params_after
+            g["seconds"] += layer.seconds
+        for g in groups.values():
+            g["reduction"] = 1 - g["params_after"] / g["params_before"] if g["params_before"] else 0.0
+        return groups
+
+    @property
+    def targeted_params_before(self) -> int:
+        return sum(layer.params_before for layer in self.layers)
+
+    @property
+    def targeted_params_after(self) -> int:
+        return sum(layer.params_after for layer in self.layers)
+
+    @property
+    def targeted_reduction(self) -> float:
+        before = self.targeted_params_before
+        return 1 - self.targeted_params_after / before if before else 0.0
+
+    @property
+    def whole_model_reduction(self) -> float:
+        before = self.whole_model_params_before
+        return 1 - self.whole_model_params_after / before if before else 0.0
+
+    @property
+    def rank_map(self) -> dict[str, int]:
+        return {layer.name: layer.rank for layer in self.layers if layer.rank is not None}
+
+    @property
+    def dense_layers(self) -> dict[str, str]:
+        return {layer.name: layer.status for layer in self.layers if layer.rank is None}
+
+    def summary(self) -> dict[str, Any]:
+        """The block stored in ``vlmpress_config.json`` and in evaluation results."""
+        return {
+            "model": self.model,
+            "method": self.method,
+            "tolerances": self.tolerances,
+            "ratio": self.ratio,
+            "target_reduction": self.target_reduction,
+            "allocation": self.allocation,
+            "targeted_params_before": self.targeted_params_before,
+            "targeted_params_after": self.targeted_params_after,
+            "targeted_reduction": self.targeted_reduction,
+            "whole_model_params_before": self.whole_model_params_before,
+            "whole_model_params_after": self.whole_model_params_after,
+            "whole_model_reduction": self.whole_model_reduction,
+            "groups": self.group_totals(),
+            "n_layers_compressed": len(self.rank_map),
+            "n_layers_dense": len(self.dense_layers),
+            "calibration": self.calibration,
+            "seconds": self.seconds,
+        }
+
+    # ------------------------------------------------------------------ serialisation
+    def to_dict(self) -> dict[str, Any]:
+        return {"summary": self.summary(), "config": self.config, "layers": [asdict(layer) for layer in self.layers]}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    def to_csv(self) -> str:
+        buf = io.StringIO()
+        fields = list(LayerReport.__dataclass_fields__)
+        writer = csv.DictWriter(buf, fieldnames=fields)
+        writer.writeheader()
+        for layer in self.layers:
+            writer.writerow(asdict(layer))
+        return buf.getvalue()
+
+    def write(self, out_dir: str | Path, stem: str = "compression_report") -> tuple[Path, Path]:
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        json_path, csv_path = out_dir / f"{stem}.json", out_dir / f"{stem}.csv"
+        atomic_write_text(json_path, self.to_json())
+        atomic_write_text(csv_path, self.to_csv())
+        return json_path, csv_path
+
+    def format_table(self, max_rows: int | None = None) -> str:
+        """Human-readable per-layer table plus group and model totals."""
+
+        def fmt(x: float | None, spec: str = ".4f") -> str:
+            return "-" if x is None else format(x, spec)
+
+        head = f"{'layer':<48} {'group':<8} {'shape':>11} {'rank':>6} {'params':>19} {'w.err':>7} {'act0':>7} {'act':>7} {'sec':>6}"
+        lines = [head, "-" * len(head)]
+        rows = self.layers if max_rows is None else self.layers[:max_rows]
+        for l in rows:
+            rank = str(l.rank) if l.rank is not None else "dense"
+            params = f"{l.params_before}->{l.params_after}"
+            lines.append(
+                f"{l.name[-48:]:<48} {l.group:<8} {l.shape:>11} {rank:>6} {params:>19} {fmt(l.weight_error):>7} "
+                f"{fmt(l.act_error_init):>7} {fmt(l.act_error):>7} {l.seconds:>6.2f}"
+            )
+        if max_rows is not None and len(self.layers) > max_rows:
+            lines.append(f"... {len(self.layers) - max_rows} more layers (see the CSV report)")
+        lines.append("")
+        for group, t in self.group_totals().items():
+            eps = self.tolerances.get(group, self.tolerances.get("*"))
+            eps_text = f", eps={eps:.4f}" if eps is not None else ""
+            lines.append(
+                f"group {group:<8}: {t['compressed']}/{t['layers']} layers factorised, "
+                f"params {t['params_before']:,} -> {t['params_after']:,} ({100 * t['reduction']:.1f}% removed{eps_text})"
+            )
+        lines.append(
+            f"targeted layers   : {self.targeted_params_before:,} -> {self.targeted_params_after:,} params "
+            f"({100 * self.targeted_reduction:.2f}% removed)"
+        )
+        lines.append(
+            f"whole model       : {self.whole_model_params_before:,} -> {self.whole_model_params_after:,} params "
+            f"({100 * self.whole_model_reduction:.2f}% removed)"
+        )
+        if self.dense_layers:
+            lines.append(f"kept dense        : {len(self.dense_layers)} layers whose rank would not save parameters")
+        return "\n".join(lines)
