@@ -57,6 +57,15 @@ class ToyCLIP(nn.Module):
 DEFAULT_CFG = dict(patch_dim=12, width_v=24, hidden_v=48, layers_v=2, token_dim=10, width_t=16, hidden_t=40, layers_t=2, embed=8, seq=6)
 
 
+def _to_patches(item):
+    """PIL image -> (5, 12) tensor (5 rows of 4 RGB pixels); tensors pass through."""
+    if isinstance(item, torch.Tensor):
+        return item
+    import numpy as np
+
+    return torch.from_numpy(np.asarray(item.convert("RGB").resize((4, 5)), dtype=np.float32) / 255.0).reshape(5, 12)
+
+
 def _token_features(text: str, dim: int, seq: int) -> tuple[torch.Tensor, int]:
     """Deterministic per-word features; the number of valid positions is the word count."""
     words = text.split()[:seq]
@@ -73,7 +82,7 @@ class ToyAdapter(VisionLanguageAdapter):
 
     def __init__(self, model: ToyCLIP, spec: str):
         super().__init__(model, spec)
-        self.preprocess = lambda item: item  # images are already (patches, patch_dim) tensors
+        self.preprocess = _to_patches
 
     @classmethod
     def accepts(cls, spec: str) -> bool:

@@ -42,6 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
                 continue  # command not part of this build
             raise
         cmd = sub.add_parser(name, help=module.HELP, description=module.HELP)
+        # logging flags are accepted after the sub-command too
+        cmd.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS, help="more logging")
+        cmd.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help="warnings only")
         module.add_arguments(cmd)
         cmd.set_defaults(_run=module.run)
     return parser

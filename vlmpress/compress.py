@@ -179,11 +179,13 @@ def compress(
     *,
     tolerances: dict[str, float] | None = None,
     collectors: dict[str, CovarianceCollector] | None = None,
+    spectra_cache: dict | None = None,
 ) -> CompressionReport:
     """Compress ``adapter.model`` in place according to ``config``; returns the per-layer report.
 
-    ``tolerances`` overrides the config's tolerances (used by the auto allocation search), and
-    ``collectors`` reuses covariances gathered earlier on the same, still uncompressed model.
+    ``tolerances`` overrides the config's tolerances (used by the auto allocation search),
+    ``collectors`` reuses covariances gathered earlier on the same, still uncompressed model, and
+    ``spectra_cache`` (filled on first use) reuses the weight SVDs across repeated compressions.
     """
     config.validate()
     t_start = time.perf_counter()
@@ -199,10 +201,17 @@ def compress(
     ]
     keep_vectors = config.solver in ("svd", "als")
     t0 = time.perf_counter()
-    if config.rank_rule == "tolerance" or keep_vectors:
+    if spectra_cache is not None and spectra_cache:
+        svd_cache = dict(spectra_cache["svd"])
+        svd_seconds = spectra_cache["seconds"]
+        for plan in plans:
+            plan.singular_values = spectra_cache["values"][plan.name]
+    elif config.rank_rule == "tolerance" or keep_vectors:
         spectra, svd_cache, svd_seconds = _spectra(layers, device, keep_vectors)
         for plan in plans:
             plan.singular_values = spectra[plan.name]
+        if spectra_cache is not None:
+            spectra_cache.update(values=spectra, svd=dict(svd_cache), seconds=svd_seconds)
     else:
         svd_cache, svd_seconds = {}, {}
     t_spectra = time.perf_counter() - t0
