@@ -93,7 +93,11 @@ def run(args: argparse.Namespace) -> int:
     resolve_device(config.device)
     calibration = load_calibration(adapter_cls, config)
     adapter = adapter_cls.load(config.model, device=resolve_device(config.device))
-    if config.allocation == "auto" and config.target_reduction is not None and config.rank_rule == "tolerance":
+    if config.mode == "sequential":
+        from vlmpress.sequential import compress_sequential
+
+        report = compress_sequential(adapter, config, calibration)
+    elif config.allocation == "auto" and config.target_reduction is not None and config.rank_rule == "tolerance":
         from vlmpress.auto_allocation import auto_compress
 
         report = auto_compress(adapter, config, calibration)
