@@ -173,3 +173,23 @@ def test_factorize_dispatch_and_weight_error(problem):
     assert f.method == "als" and f.info["iters"] == 2 and len(f.history) == 3
     assert weight_relative_error(W, f.A, f.B) == pytest.approx(f.weight_rel_error)
     assert activation_relative_error(W, f.A, f.B, M) == pytest.approx(f.act_rel_error, rel=1e-6)
+
+
+@pytest.mark.parametrize("shape", [(50, 30), (30, 50), (40, 40)])
+@pytest.mark.parametrize("iters", [1, 4, 10])
+def test_fast_als_equals_literal_equation_6(shape, iters):
+    """The small-side implementation produces the same A B as the paper's Eq. 6 with pseudo-inverses."""
+    g = torch.Generator().manual_seed(sum(shape) + iters)
+    n, m = shape
+    W = torch.randn(n, m, generator=g, dtype=torch.float64)
+    X = torch.randn(m, 200, generator=g, dtype=torch.float64) * torch.linspace(2, 0.1, m, dtype=torch.float64)[:, None]
+    M = X @ X.T
+    r = 7
+    U, S, Vh = torch.linalg.svd(W, full_matrices=False)
+    A, B = U[:, :r] * S[:r].sqrt(), S[:r].sqrt()[:, None] * Vh[:r]
+    for _ in range(iters):
+        A = W @ M @ B.T @ torch.linalg.pinv(B @ M @ B.T)
+        B = torch.linalg.pinv(A.T @ A) @ A.T @ W
+    f = solve_als(W, r, M, iters=iters)
+    torch.testing.assert_close(f.A @ f.B, A @ B, rtol=1e-10, atol=1e-10)
+    assert f.act_rel_error == pytest.approx(direct_activation_error(W, A, B, X), rel=1e-8)
