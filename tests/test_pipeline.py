@@ -195,3 +195,15 @@ def test_all_recipes_in_configs_are_valid():
     assert recipes, "configs/recipes/ holds no recipe"
     for path in recipes:
         CompressionConfig.from_yaml(path).validate()
+
+
+def test_compress_model_entry_point_accepts_spec_dict_and_overrides(tmp_path, calib):
+    import vlmpress
+
+    adapter, report = vlmpress.compress_model("toy:8", {"method": "pgsvd", "eps": 0.7}, calib, als_iters=1, device="cpu")
+    assert adapter.spec == "toy:8" and report.method == "pgsvd" and report.config["als_iters"] == 1
+    assert report.rank_map and all(isinstance(adapter.model.get_submodule(n), LowRankLinear) for n in report.rank_map)
+    out = vlmpress.save_compressed(adapter, tmp_path / "c")
+    assert vlmpress.load_model(str(out)).checkpoint_config["ranks"] == report.rank_map
+    with pytest.raises(ConfigError, match="already a compressed checkpoint"):
+        vlmpress.compress_model(str(out), {"method": "svd", "ratio": 0.5})

@@ -1,11 +1,35 @@
-"""vlmpress: activation-aware low-rank compression (PGSVD) for CLIP-style models and LLMs."""
+"""vlmpress: activation-aware low-rank compression (PGSVD) for CLIP-style models and LLMs.
+
+Entry points::
+
+    vlmpress.compress_model(spec_or_adapter, config=None, calibration=None, **overrides)
+    vlmpress.load_model(spec_or_compressed_dir)
+    vlmpress.save_compressed(adapter, out_dir) / vlmpress.load_compressed(dir) / vlmpress.export_dense(adapter, dir)
+"""
 
 import logging
 
+from vlmpress.adapters import load_model
+from vlmpress.api import compress_model
+from vlmpress.checkpoint import export_dense, load_compressed, save_compressed
+from vlmpress.compress import compress
+from vlmpress.config import CompressionConfig
 from vlmpress.core import CovarianceCollector, LowRankLinear, factorize
 
 __version__ = "0.1.0"
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 
-__all__ = ["CovarianceCollector", "LowRankLinear", "factorize", "__version__"]
+__all__ = [
+    "CompressionConfig",
+    "CovarianceCollector",
+    "LowRankLinear",
+    "compress",
+    "compress_model",
+    "export_dense",
+    "factorize",
+    "load_compressed",
+    "load_model",
+    "save_compressed",
+    "__version__",
+]

@@ -80,29 +80,12 @@ def config_from_args(args: argparse.Namespace) -> CompressionConfig:
 
 
 def run(args: argparse.Namespace) -> int:
-    from vlmpress.adapters import adapter_for_spec, is_compressed_dir
+    from vlmpress.api import compress_model
     from vlmpress.checkpoint import check_output_dir, export_dense, save_compressed
-    from vlmpress.compress import compress, load_calibration, resolve_device
 
     config = config_from_args(args)
-    if is_compressed_dir(config.model):
-        raise ConfigError(f"{config.model} is already a compressed checkpoint; compress the original model instead")
-    # cheap checks first, before any model is loaded
-    check_output_dir(args.out, config.model, args.overwrite)
-    adapter_cls = adapter_for_spec(config.model)
-    resolve_device(config.device)
-    calibration = load_calibration(adapter_cls, config)
-    adapter = adapter_cls.load(config.model, device=resolve_device(config.device))
-    if config.mode == "sequential":
-        from vlmpress.sequential import compress_sequential
-
-        report = compress_sequential(adapter, config, calibration)
-    elif config.allocation == "auto" and config.target_reduction is not None and config.rank_rule == "tolerance":
-        from vlmpress.auto_allocation import auto_compress
-
-        report = auto_compress(adapter, config, calibration)
-    else:
-        report = compress(adapter, config, calibration)
+    check_output_dir(args.out, config.model, args.overwrite)  # cheap checks before any model loads
+    adapter, report = compress_model(config.model, config)
     print(report.format_table(max_rows=60))
     out = save_compressed(adapter, args.out, report, overwrite=args.overwrite)
     print(f"\nsaved: {out}  (report: {out / 'compression_report.json'}, {out / 'compression_report.csv'})")

@@ -1,0 +1,73 @@
+"""High-level entry points: one call to load, one to compress.
+
+    import vlmpress
+    adapter, report = vlmpress.compress_model("open_clip:ViT-B-16/openai", method="pgsvd",
+                                              eps_v=0.3, eps_t=0.5, calib_images="images/")
+    vlmpress.save_compressed(adapter, "vitb16-pgsvd")
+    adapter = vlmpress.load_model("vitb16-pgsvd")          # reload, no download
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from vlmpress.adapters import ModelAdapter, adapter_for_spec, is_compressed_dir, load_model
+from vlmpress.config import CompressionConfig
+from vlmpress.errors import ConfigError
+from vlmpress.report import CompressionReport
+
+
+def resolve_config(config: CompressionConfig | dict | str | Path | None = None, **overrides: Any) -> CompressionConfig:
+    """A validated config from a dataclass, a dict, a YAML path or nothing, plus keyword overrides."""
+    if config is None:
+        base = CompressionConfig()
+    elif isinstance(config, CompressionConfig):
+        base = config
+    elif isinstance(config, dict):
+        base = CompressionConfig.from_dict(config)
+    else:
+        base = CompressionConfig.from_yaml(config)
+    return base.replace(**overrides).validate()
+
+
+def compress_model(
+    model: str | ModelAdapter,
+    config: CompressionConfig | dict | str | Path | None = None,
+    calibration: Any = None,
+    **overrides: Any,
+) -> tuple[ModelAdapter, CompressionReport]:
+    """Load (if given a spec), calibrate and compress a model; returns (adapter, report).
+
+    ``calibration`` defaults to what the config names (``calib_images``/``calib_captions`` for
+    CLIP-style models, ``calib_text`` for LLMs). Dispatches to the auto tower allocation or the
+    sequential (block-by-block) mode when the config asks for them.
+    """
+    from vlmpress.compress import compress, load_calibration, resolve_device
+
+    spec = model if isinstance(model, str) else model.spec
+    cfg = resolve_config(config, model=spec, **overrides)
+    if isinstance(model, str):
+        if is_compressed_dir(model):
+            raise ConfigError(f"{model} is already a compressed checkpoint; compress the original model instead")
+        adapter_cls = adapter_for_spec(model)
+    else:
+        adapter_cls = type(model)
+    device = resolve_device(cfg.device)
+    if calibration is None:
+        calibration = load_calibration(adapter_cls, cfg)  # before loading: bad data fails fast
+    adapter = adapter_cls.load(model, device=device) if isinstance(model, str) else model
+    if cfg.mode == "sequential":
+        from vlmpress.sequential import compress_sequential
+
+        report = compress_sequential(adapter, cfg, calibration)
+    elif cfg.allocation == "auto" and cfg.target_reduction is not None and cfg.rank_rule == "tolerance":
+        from vlmpress.auto_allocation import auto_compress
+
+        report = auto_compress(adapter, cfg, calibration)
+    else:
+        report = compress(adapter, cfg, calibration)
+    return adapter, report
+
+
+__all__ = ["compress_model", "load_model", "resolve_config"]
