@@ -81,10 +81,27 @@ def adapter_for_spec(spec: str) -> type[ModelAdapter]:
         cls = get_adapter_class(family)
         if cls.accepts(spec):
             return cls
+    if spec.startswith("hf:"):
+        raise UnknownModelSpecError(f"cannot use model spec '{spec}': {_hf_problem(spec[3:])}")
     raise UnknownModelSpecError(
         f"no adapter accepts model spec '{spec}'. Known adapters: {', '.join(known_adapters())}. "
         "Use 'open_clip:NAME[/PRETRAINED]', 'hf:NAME_OR_DIR' or a directory written by 'vlmpress compress'."
     )
+
+
+def _hf_problem(name: str) -> str:
+    """Why no adapter took an ``hf:`` spec: unreadable config (offline, typo) or unsupported type."""
+    try:
+        from transformers import AutoConfig
+
+        model_type = AutoConfig.from_pretrained(name).model_type
+    except Exception as err:  # noqa: BLE001 - any loading failure is reported to the user
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        return (
+            f"its transformers config could not be read ({first}). Pass a local directory with config.json, "
+            "or a hub name that is cached (downloading needs internet)."
+        )
+    return f"model_type '{model_type}' is not supported by any adapter (known: {', '.join(known_adapters())})"
 
 
 def is_compressed_dir(spec: str) -> bool:

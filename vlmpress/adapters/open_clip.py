@@ -1,0 +1,385 @@
+"""open_clip adapter (``open_clip:NAME[/PRETRAINED]``).
+
+Spec forms (everything after the first ``/`` is open_clip's ``pretrained`` value):
+
+* ``open_clip:ViT-B-16`` -- architecture only, random init;
+* ``open_clip:ViT-B-16/openai`` -- a pretrained tag (downloaded by open_clip);
+* ``open_clip:ViT-B-16//abs/path/model.safetensors`` -- a local checkpoint file;
+* ``open_clip:hf-hub:org/repo`` and ``open_clip:local-dir:/path`` -- open_clip's own schemas.
+
+Both ``CLIP`` (text blocks at ``transformer.resblocks.*``) and ``CustomTextCLIP`` (``text.transformer.*``)
+are supported. Compression targets are the attention q/k/v/out and MLP c_fc/c_proj linears of every
+``ResidualAttentionBlock`` in both towers, after :meth:`OpenClipAdapter.prepare_for_compression` has
+split the packed ``nn.MultiheadAttention`` layers. Final projections and embeddings are never targets.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import logging
+import tempfile
+from collections.abc import Sequence
+from copy import deepcopy
+from pathlib import Path
+from typing import Any, Callable
+
+import open_clip
+import torch
+from open_clip.transformer import ResidualAttentionBlock
+from torch import nn
+
+from vlmpress.adapters import register_adapter
+from vlmpress.adapters.attention import SplitMultiheadAttention, dense_weight, split_attention_modules
+from vlmpress.adapters.base import TargetLayer, VisionLanguageAdapter
+from vlmpress.errors import CheckpointError, ConfigError, UnknownModelSpecError, VlmpressError
+from vlmpress.resources import project_root
+
+logger = logging.getLogger(__name__)
+
+PREFIX = "open_clip:"
+_SCHEMAS = ("hf-hub:", "local-dir:")
+#: file names of :meth:`OpenClipAdapter.export_dense` (open_clip's own hub / ``local-dir:`` layout)
+WEIGHTS_FILE = "open_clip_model.safetensors"
+CONFIG_FILE = "open_clip_config.json"
+
+
+def _register_vlmpress_configs() -> None:
+    """Make ``configs/models/*.json`` (e.g. ``vlmpress-tiny``) known to open_clip by name."""
+    models_dir = project_root() / "configs" / "models"
+    known_paths = getattr(open_clip.factory, "_MODEL_CONFIG_PATHS", [])  # avoid re-adding on reload
+    if models_dir.is_dir() and models_dir not in known_paths:
+        open_clip.add_model_config(models_dir)
+
+
+_register_vlmpress_configs()
+
+
+def parse_spec(spec: str) -> tuple[str, str | None]:
+    """``open_clip:NAME[/PRETRAINED]`` -> (model name, pretrained tag/path or None)."""
+    if not spec.startswith(PREFIX):
+        raise UnknownModelSpecError(f"not an open_clip spec: '{spec}' (expected 'open_clip:NAME[/PRETRAINED]')")
+    rest = spec[len(PREFIX):]
+    if rest.startswith(_SCHEMAS):  # hf-hub:org/repo and local-dir:/path carry their own weights
+        return rest, None
+    name, _, pretrained = rest.partition("/")
+    if not name:
+        raise UnknownModelSpecError(f"open_clip spec '{spec}' names no model (expected 'open_clip:NAME[/PRETRAINED]')")
+    return name, pretrained or None
+
+
+def _check_known(name: str, pretrained: str | None) -> None:
+    """Clear errors for unknown model names / tags before open_clip raises a generic RuntimeError."""
+    if name.startswith(_SCHEMAS):
+        return
+    if open_clip.get_model_config(name) is None:
+        close = difflib.get_close_matches(name, open_clip.list_models(), n=5)
+        hint = f" Did you mean: {', '.join(close)}?" if close else " See open_clip.list_models()."
+        raise UnknownModelSpecError(f"open_clip has no model config named '{name}'.{hint}")
+    if pretrained and not Path(pretrained).is_file() and not open_clip.pretrained.is_pretrained_cfg(name, pretrained):
+        tags = open_clip.list_pretrained_tags_by_model(name)
+        raise UnknownModelSpecError(
+            f"'{pretrained}' is neither a pretrained tag of open_clip model '{name}' nor an existing file. "
+            f"Known tags: {', '.join(tags) if tags else '(none)'}"
+        )
+
+
+def _effective_model_cfg(name: str, model: nn.Module, kwargs: dict) -> dict | None:
+    """The model config the model was really built from (open_clip's ``force_*`` overrides applied)."""
+    try:
+        cfg = open_clip.get_model_config(name)
+    except Exception as err:  # hub config fetch failing after a successful load: cache race, offline
+        logger.warning("could not read the open_clip config of '%s' (%s); spec_config will lack it", name, err)
+        return None
+    if cfg is None:
+        return None
+    if isinstance(model, open_clip.CustomTextCLIP):
+        cfg["custom_text"] = True
+    if kwargs.get("force_quick_gelu"):
+        cfg["quick_gelu"] = True
+    if kwargs.get("force_image_size") is not None:
+        cfg["vision_cfg"]["image_size"] = kwargs["force_image_size"]
+    if kwargs.get("force_context_length") is not None:
+        cfg["text_cfg"]["context_length"] = kwargs["force_context_length"]
+    if kwargs.get("force_patch_dropout") is not None:
+        cfg["vision_cfg"]["patch_dropout"] = kwargs["force_patch_dropout"]
+    return _jsonable(cfg)
+
+
+def _text_tower(model: nn.Module) -> nn.Module:
+    """The module holding the text tower's attributes (``CLIP`` keeps them on the model itself)."""
+    return model.text if hasattr(model, "text") else model
+
+
+@register_adapter
+class OpenClipAdapter(VisionLanguageAdapter):
+    """Adapter for open_clip ``CLIP`` / ``CustomTextCLIP`` models."""
+
+    family = "open_clip"
+
+    def __init__(
+        self,
+        model: nn.Module,
+        spec: str,
+        *,
+        model_name: str,
+        pretrained: str | None,
+        preprocess: Callable,
+        tokenizer: Callable,
+        model_cfg: dict | None = None,
+    ):
+        super().__init__(model, spec)
+        self.model_name = model_name
+        self.pretrained = pretrained
+        self.preprocess = preprocess
+        self.tokenizer = tokenizer
+        self.model_cfg = model_cfg
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def accepts(cls, spec: str) -> bool:
+        if not isinstance(spec, str) or not spec.startswith(PREFIX):
+            return False
+        try:
+            parse_spec(spec)
+        except UnknownModelSpecError:
+            return False
+        return True
+
+    @classmethod
+    def load(cls, spec: str, *, device: str | torch.device = "cpu", **kwargs: Any) -> "OpenClipAdapter":
+        """``open_clip.create_model_and_transforms(NAME, pretrained=...)``; extra kwargs go to it."""
+        name, pretrained = parse_spec(spec)
+        _check_known(name, pretrained)
+        try:
+            model, _, preprocess = open_clip.create_model_and_transforms(
+                name, pretrained=pretrained, device=device, **kwargs
+            )
+        except RuntimeError as err:
+            raise VlmpressError(f"open_clip could not create '{spec}': {err}") from err
+        model_cfg = _effective_model_cfg(name, model, kwargs)
+        tokenizer = open_clip.get_tokenizer(name)
+        logger.info("loaded open_clip model %s (pretrained=%s)", name, pretrained)
+        return cls(
+            model.eval(),
+            spec,
+            model_name=name,
+            pretrained=pretrained,
+            preprocess=preprocess,
+            tokenizer=tokenizer,
+            model_cfg=model_cfg,
+        )
+
+    def spec_config(self) -> dict:
+        return {
+            "family": self.family,
+            "model_name": self.model_name,
+            "pretrained": self.pretrained,
+            "model_cfg": deepcopy(self.model_cfg),
+            "preprocess_cfg": _jsonable(open_clip.get_model_preprocess_cfg(self.model)),
+        }
+
+    @classmethod
+    def build_from_spec_config(
+        cls,
+        config: dict,
+        *,
+        device: str | torch.device = "cpu",
+        preprocessing_dir: str | Path | None = None,
+    ) -> "OpenClipAdapter":
+        """Random-init architecture from :meth:`spec_config`, never downloading weights.
+
+        The saved ``model_cfg`` is used even when the name is not registered in this environment
+        (it is materialised as an open_clip ``local-dir:`` folder without weights). The rebuilt model
+        is already prepared for compression (attention split), the layout compressed state dicts use.
+        ``preprocessing_dir`` is accepted for interface symmetry: open_clip's preprocessing and
+        tokenizer are fully described by ``model_cfg``/``preprocess_cfg``.
+        """
+        try:
+            name = config["model_name"]
+        except (KeyError, TypeError):
+            raise CheckpointError("open_clip spec config lacks 'model_name'") from None
+        model_cfg = config.get("model_cfg") or (None if name.startswith(_SCHEMAS) else open_clip.get_model_config(name))
+        if model_cfg is None:
+            raise CheckpointError(
+                f"open_clip spec config for '{name}' holds no model_cfg, "
+                "and the name is not a registered open_clip model"
+            )
+        with tempfile.TemporaryDirectory(prefix="vlmpress-open_clip-") as tmp:
+            payload = {"model_cfg": model_cfg}
+            if config.get("preprocess_cfg"):
+                payload["preprocess_cfg"] = config["preprocess_cfg"]
+            (Path(tmp) / CONFIG_FILE).write_text(json.dumps(payload), encoding="utf-8")
+            source = f"local-dir:{tmp}"
+            model, _, preprocess = open_clip.create_model_and_transforms(source, pretrained=None, device=device)
+            tokenizer = open_clip.get_tokenizer(source)
+        pretrained = config.get("pretrained")
+        spec = PREFIX + name + (f"/{pretrained}" if pretrained else "")
+        adapter = cls(
+            model.eval(),
+            spec,
+            model_name=name,
+            pretrained=pretrained,
+            preprocess=preprocess,
+            tokenizer=tokenizer,
+            model_cfg=deepcopy(model_cfg),
+        )
+        adapter.prepare_for_compression()
+        return adapter
+
+    def save_preprocessing(self, out_dir: str | Path) -> None:
+        """No-op: open_clip's tokenizer and image transform are rebuilt from the spec config."""
+
+    # ------------------------------------------------------------------ compression hooks
+    def prepare_for_compression(self) -> None:
+        """Split every packed ``nn.MultiheadAttention`` into q/k/v/out linears (idempotent, exact)."""
+        count = split_attention_modules(self.model)
+        if count:
+            logger.info("split %d attention module(s) of %s", count, self.model_name)
+
+    def _blocks(self) -> list[tuple[str, str, ResidualAttentionBlock]]:
+        blocks = []
+        for name, module in self.model.named_modules():
+            if not isinstance(module, ResidualAttentionBlock):
+                continue
+            if name.startswith("visual."):
+                group = "vision"
+            elif name.startswith(("transformer.", "text.")):
+                group = "text"
+            else:  # e.g. CoCa's multimodal decoder: not a tower of the contrastive model
+                continue
+            blocks.append((name, group, module))
+        return blocks
+
+    def target_layers(self) -> list[TargetLayer]:
+        """q/k/v/out (``attn``) and c_fc/c_proj (``mlp``) of every tower block, vision first.
+
+        Calls :meth:`prepare_for_compression` first (idempotent). Towers built from other
+        libraries (timm vision, HF text) have no ``ResidualAttentionBlock`` and yield no targets.
+        """
+        self.prepare_for_compression()
+        layers: list[TargetLayer] = []
+        blocks = self._blocks()
+        for group in self.groups:
+            for name, block_group, block in blocks:
+                if block_group != group:
+                    continue
+                attn = block.attn
+                if isinstance(attn, SplitMultiheadAttention):
+                    for proj in ("q_proj", "k_proj", "v_proj", "out_proj"):
+                        layer = getattr(attn, proj)
+                        if isinstance(layer, nn.Linear):
+                            layers.append(TargetLayer(f"{name}.attn.{proj}", group, "attn", layer))
+                for proj in ("c_fc", "c_proj"):
+                    layer = getattr(block.mlp, proj, None)
+                    if isinstance(layer, nn.Linear):
+                        layers.append(TargetLayer(f"{name}.mlp.{proj}", group, "mlp", layer))
+        for group in self.groups:
+            if not any(layer.group == group for layer in layers):
+                logger.warning(
+                    "open_clip model %s: no compressible layers found in the %s tower", self.model_name, group
+                )
+        return layers
+
+    def text_valid_mask(self, tokens: torch.Tensor) -> torch.Tensor | None:
+        """(batch, seq) bool mask of text positions that can influence the pooled text embedding.
+
+        With a causal mask (CLIP), positions after the pooled one (the end-of-text token, which is the
+        argmax of the ids for open_clip's CLIP tokenizer) never reach it, so they are padding for the
+        covariance. Without a causal mask every position counts, except keys masked as padding.
+        """
+        tower = _text_tower(self.model)
+        seq = torch.arange(tokens.shape[1], device=tokens.device)
+        if hasattr(tower, "config") and hasattr(tower, "transformer") and not hasattr(tower, "attn_mask"):
+            return tokens != tower.config.pad_token_id  # HFTextEncoder: bidirectional with a padding mask
+        pool_type = getattr(tower, "text_pool_type", None) or getattr(tower, "pool_type", "argmax")
+        causal = getattr(tower, "attn_mask", None) is not None
+        if causal:
+            if pool_type == "argmax":
+                pooled = tokens.argmax(dim=-1)
+            elif pool_type == "eos":
+                eos = getattr(tower, "text_eos_id", None)
+                eos = getattr(tower, "eos_id", None) if eos is None else eos
+                pooled = (tokens == eos).int().argmax(dim=-1)
+            elif pool_type == "first":
+                pooled = torch.zeros(tokens.shape[0], dtype=torch.long, device=tokens.device)
+            else:  # "last" / "none": every position can reach the output
+                return None
+            return seq.unsqueeze(0) <= pooled.unsqueeze(1)
+        if getattr(tower, "use_pad_mask", False):
+            return tokens != tower.pad_id
+        return None
+
+    def calibration_forward(self, group: str, batch: Any, collector) -> None:
+        with torch.no_grad():
+            if group == "vision":
+                self.encode_image(batch)
+            elif group == "text":
+                tokens = self.tokenize(batch) if not isinstance(batch, torch.Tensor) else batch.to(self.device)
+                with collector.mask(self.text_valid_mask(tokens)):
+                    self.encode_text(tokens)
+            else:
+                raise ConfigError(f"open_clip models have groups {self.groups}, not '{group}'")
+
+    # ------------------------------------------------------------------ export
+    def merge_to_stock_state_dict(self) -> dict[str, torch.Tensor]:
+        """State dict with stock open_clip keys: split attention re-packed, low-rank layers merged."""
+        from vlmpress.core.lowrank import LowRankLinear
+
+        state: dict[str, torch.Tensor] = {}
+        replaced: list[str] = []
+        for name, module in self.model.named_modules():
+            if any(name.startswith(prefix) for prefix in replaced):
+                continue
+            if isinstance(module, SplitMultiheadAttention):
+                for key, value in module.stock_state_dict().items():
+                    state[f"{name}.{key}"] = value
+            elif isinstance(module, LowRankLinear):
+                state[f"{name}.weight"] = dense_weight(module)
+                if module.bias is not None:
+                    state[f"{name}.bias"] = module.bias.detach()
+            else:
+                continue
+            replaced.append(name + ".")
+        for key, value in self.model.state_dict().items():
+            if not any(key.startswith(prefix) for prefix in replaced):
+                state[key] = value.detach()
+        return {key: value.cpu().contiguous().clone() for key, value in state.items()}
+
+    def export_dense(self, out_dir: str | Path) -> None:
+        """Write ``open_clip_model.safetensors`` + ``open_clip_config.json`` (stock open_clip layout).
+
+        Load with ``open_clip.create_model_and_transforms("local-dir:OUT_DIR")`` or
+        ``create_model_and_transforms(NAME, pretrained="OUT_DIR/open_clip_model.safetensors")``.
+        """
+        from safetensors.torch import save_file
+
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        save_file(self.merge_to_stock_state_dict(), str(out / WEIGHTS_FILE), metadata={"format": "pt"})
+        config = self.spec_config()
+        if config["model_cfg"] is None:
+            raise CheckpointError(f"cannot export '{self.model_name}': its open_clip model config is unknown")
+        payload = {"model_cfg": config["model_cfg"], "preprocess_cfg": config["preprocess_cfg"]}
+        (out / CONFIG_FILE).write_text(json.dumps(payload, indent=2), encoding="utf-8")
+        logger.info("exported dense open_clip checkpoint to %s", out)
+
+    # ------------------------------------------------------------------ inference
+    def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
+        if isinstance(texts, str):
+            texts = [texts]
+        return self.tokenizer(list(texts)).to(self.device)
+
+    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.model.encode_image(pixels.to(self.device))
+
+    def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.model.encode_text(tokens.to(self.device))
+
+    def logit_scale(self) -> float:
+        return float(self.model.logit_scale.detach().exp().item())
+
+
+def _jsonable(value: Any) -> Any:
+    """Tuples -> lists etc., so preprocess configs survive a JSON round trip unchanged."""
+    return json.loads(json.dumps(value))
