@@ -114,11 +114,28 @@ def tolerances_for_target(
     return tolerances(s), achieved
 
 
-def ratio_for_target(layers: list[LayerPlan], target: float) -> tuple[float, float]:
-    """Uniform ratio whose (floored) ranks remove the fraction of parameters closest to ``target``."""
-    ratio, achieved = _bisect(lambda r: reduction_of(layers, ranks_from_ratio(layers, r)), target, 1e-6, 1 - 1e-6)
-    _warn_if_off(target, achieved, "ratio")
-    return ratio, achieved
+def ranks_for_target_ratio(layers: list[LayerPlan], target: float) -> tuple[dict[str, int], float]:
+    """Uniform-ratio ranks for a target reduction, with the rounding remainder distributed.
+
+    Every layer gets ``floor((1 - target) * m n / (m + n))`` (the SVD-LLM convention); then, in order
+    of the largest fractional parts, single ranks are added back while that moves the reduction
+    closer to ``target``. Ranks stay uniform up to +-1, and the target is met to within one rank
+    step of one layer even when many layers share a shape.
+    """
+    real = {l.name: (1 - target) * l.out_features * l.in_features / (l.out_features + l.in_features) for l in layers}
+    ranks = {l.name: max(1, min(int(real[l.name]), min(l.out_features, l.in_features))) for l in layers}
+    current = reduction_of(layers, ranks)
+    for layer in sorted(layers, key=lambda l: real[l.name] - int(real[l.name]), reverse=True):
+        if ranks[layer.name] >= min(layer.out_features, layer.in_features):
+            continue
+        ranks[layer.name] += 1
+        trial = reduction_of(layers, ranks)
+        if abs(trial - target) < abs(current - target):
+            current = trial
+        else:
+            ranks[layer.name] -= 1
+    _warn_if_off(target, current, "ratio")
+    return ranks, current
 
 
 def _warn_if_off(target: float, achieved: float, what: str) -> None:

@@ -22,7 +22,7 @@ from vlmpress.allocation import (
     LayerPlan,
     ranks_from_ratio,
     ranks_from_tolerances,
-    ratio_for_target,
+    ranks_for_target_ratio,
     reduction_of,
     tolerance_key,
     tolerances_for_target,
@@ -66,11 +66,13 @@ def _layer_bias(module: torch.nn.Module) -> torch.Tensor | None:
 def select_layers(adapter: ModelAdapter, config: CompressionConfig) -> list[TargetLayer]:
     adapter.prepare_for_compression()
     candidates = adapter.target_layers()
-    selected = select_targets(candidates, config.targets, config.exclude)
+    # an adapter's default excludes (e.g. an LLM's lm_head) apply unless targets are named explicitly
+    exclude = list(config.exclude) + ([] if config.targets else list(getattr(adapter, "default_exclude", ())))
+    selected = select_targets(candidates, config.targets, exclude)
     if not selected:
         examples = ", ".join(layer.name for layer in candidates[:4])
         raise ConfigError(
-            f"no layer matched targets={config.targets or ['<all>']} exclude={config.exclude or []}; "
+            f"no layer matched targets={config.targets or ['<all>']} exclude={exclude or []}; "
             f"{len(candidates)} candidate layers, e.g. {examples}"
         )
     return selected
@@ -113,10 +115,51 @@ def plan_ranks(
             else:
                 tolerances = config.group_tolerances()
         return ranks_from_tolerances(plans, tolerances), tolerances, None
-    ratio = config.ratio
-    if ratio is None:
-        ratio, _ = ratio_for_target(plans, config.target_reduction)
-    return ranks_from_ratio(plans, ratio), {}, ratio
+    if config.ratio is not None:
+        return ranks_from_ratio(plans, config.ratio), {}, config.ratio
+    ranks, _ = ranks_for_target_ratio(plans, config.target_reduction)
+    return ranks, {}, config.target_reduction
+
+
+def dense_layer_report(plan: LayerPlan, rank: int, tol: float | None, ratio: float | None) -> LayerReport:
+    """Report row of a layer kept dense because its rank would not save parameters."""
+    return LayerReport(
+        plan.name, plan.group, plan.kind, plan.out_features, plan.in_features, None,
+        f"dense (rank {rank} >= break-even {break_even_rank(plan.out_features, plan.in_features):.1f})",
+        plan.dense_params, plan.dense_params, tol, ratio,
+    )
+
+
+def factorise_layer(
+    adapter: ModelAdapter,
+    layer: TargetLayer,
+    plan: LayerPlan,
+    rank: int,
+    config: CompressionConfig,
+    device: torch.device,
+    *,
+    tol: float | None,
+    ratio: float | None,
+    M: torch.Tensor | None,
+    tokens: int | None,
+    svd: tuple | None = None,
+    extra_seconds: float = 0.0,
+) -> LayerReport:
+    """Factorise one layer with the config's solver and swap in a LowRankLinear (shared by all modes)."""
+    W = layer.weight_matrix.detach()
+    t_layer = time.perf_counter()
+    result = factorize(config.solver, W, rank, M, device=device, iters=config.als_iters, svd=svd)
+    bias = _layer_bias(layer.module)
+    new = LowRankLinear.from_factors(result.A, result.B, bias, dtype=W.dtype, device=W.device)
+    if not all(torch.isfinite(p).all() for p in new.parameters()):
+        raise FloatingPointError(f"non-finite factors for layer {layer.name}; the model was not modified further")
+    replace_module(adapter.model, layer.name, new)
+    seconds = time.perf_counter() - t_layer + extra_seconds
+    return LayerReport(
+        plan.name, plan.group, plan.kind, plan.out_features, plan.in_features, rank, "compressed",
+        plan.dense_params, new.num_parameters(), tol, ratio, result.weight_rel_error,
+        result.act_rel_error_init, result.act_rel_error, tokens, seconds,
+    )
 
 
 def _calibration_batches(adapter: ModelAdapter, group: str, calibration: Any, config: CompressionConfig) -> Iterable:
@@ -243,38 +286,20 @@ def compress(
         rank = ranks[plan.name]
         tol = used_tolerances[tolerance_key(plan, used_tolerances)] if used_tolerances else None
         if layer.name not in compressible_names:
-            reports.append(
-                LayerReport(
-                    plan.name, plan.group, plan.kind, plan.out_features, plan.in_features, None,
-                    f"dense (rank {rank} >= break-even {break_even_rank(plan.out_features, plan.in_features):.1f})",
-                    plan.dense_params, plan.dense_params, tol, ratio,
-                )
-            )
+            reports.append(dense_layer_report(plan, rank, tol, ratio))
     progress = tqdm(compressible, desc="factorise", unit="layer", leave=False)
     for layer, plan in progress:
         rank = ranks[plan.name]
         tol = used_tolerances[tolerance_key(plan, used_tolerances)] if used_tolerances else None
-        W = layer.weight_matrix.detach()
         M, tokens = None, None
         if config.needs_activations:
             collector = collectors[layer.group]
             M = collector.covariance(layer.name)
             tokens = collector.token_count(layer.name)
-        t_layer = time.perf_counter()
-        result = factorize(
-            config.solver, W, rank, M, device=device, iters=config.als_iters, svd=svd_cache.pop(layer.name, None)
-        )
-        bias = _layer_bias(layer.module)
-        new = LowRankLinear.from_factors(result.A, result.B, bias, dtype=W.dtype, device=W.device)
-        if not all(torch.isfinite(p).all() for p in new.parameters()):
-            raise FloatingPointError(f"non-finite factors for layer {layer.name}; the model was not modified further")
-        replace_module(adapter.model, layer.name, new)
-        seconds = time.perf_counter() - t_layer + svd_seconds.get(layer.name, 0.0)
         reports.append(
-            LayerReport(
-                plan.name, plan.group, plan.kind, plan.out_features, plan.in_features, rank, "compressed",
-                plan.dense_params, new.num_parameters(), tol, ratio, result.weight_rel_error,
-                result.act_rel_error_init, result.act_rel_error, tokens, seconds,
+            factorise_layer(
+                adapter, layer, plan, rank, config, device, tol=tol, ratio=ratio, M=M, tokens=tokens,
+                svd=svd_cache.pop(layer.name, None), extra_seconds=svd_seconds.get(layer.name, 0.0),
             )
         )
     t_factor = time.perf_counter() - t0

@@ -19,6 +19,8 @@ Text calibration masks:
 
 from __future__ import annotations
 
+import functools
+
 import logging
 import re
 from collections.abc import Sequence
@@ -61,6 +63,12 @@ def hf_model_type(spec: str) -> str | None:
         name = hf_name(spec)
     except UnknownModelSpecError:
         return None
+    return _cached_model_type(name)
+
+
+@functools.lru_cache(maxsize=128)
+def _cached_model_type(name: str) -> str | None:
+    # cached: several adapters probe the same spec, and an offline hub lookup retries for seconds
     try:
         from transformers import AutoConfig
 
