@@ -70,3 +70,26 @@ def test_compress_with_yaml_config_and_flag_override(tmp_path, capsys, image_fol
     assert cfg["tolerances"] == {"vision": 0.5, "text": 0.8}
     assert "captions" in cfg["compression"]["calibration"]["caption_source"] or "class names" in cfg["compression"]["calibration"]["caption_source"]
     assert "whole model" in out and "targeted layers" in out
+
+
+def test_calibration_from_registered_dataset_never_uses_test_images(tmp_path):
+    """With the same split file as evaluation, calibration images come only from the train part."""
+    from vlmpress.data.calibration import load_calibration_images
+    from vlmpress.data.datasets import build_dataset
+
+    root = tmp_path / "data" / "caltech101" / "101_ObjectCategories"
+    (root / "BACKGROUND_Google").mkdir(parents=True)
+    for c, cls in enumerate(("accordion", "airplanes", "anchor")):
+        (root / cls).mkdir(parents=True)
+        for i in range(4):  # a unique colour per image identifies it after loading
+            Image.new("RGB", (8, 8), (c * 100, i * 60, 100)).save(root / cls / f"image_{i + 1:04d}.jpg")
+    split = tmp_path / "test.txt"
+    split.write_text("accordion/image_0001.jpg\nairplanes/image_0002.jpg\nanchor/image_0003.jpg\n")
+    test = build_dataset("caltech101", "test", tmp_path / "data", split_file=split)
+    key = lambda img: tuple(round(v / 20) for v in img.getpixel((4, 4)))
+    test_keys = {key(test[i][0]) for i in range(len(test))}
+    assert len(test) == 3 and len(test_keys) == 3
+    images, names, source = load_calibration_images("caltech101", 100, seed=5, data_root=str(tmp_path / "data"), split_file=str(split))
+    assert len(images) == 12 - 3 and "train" in source
+    assert not test_keys & {key(img) for img in images}
+    assert names and "accordion" in names  # the dataset's curated class names feed the captions

@@ -356,4 +356,5 @@ def load_calibration(adapter_cls, config: CompressionConfig):
         data_root=config.data_root,
         need_images="images" in modalities,
         need_captions="texts" in modalities,
+        split_file=config.calib_split_file,
     )

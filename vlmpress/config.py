@@ -53,6 +53,7 @@ class CompressionConfig:
     # --- calibration
     calib_images: str | None = None  # folder of images, or a registered dataset name (e.g. caltech101)
     calib_captions: str | None = None  # text file, one caption per line
+    calib_split_file: str | None = None  # registered datasets: test list to keep calibration away from
     calib_text: str | None = None  # LLMs: text file or local HF dataset
     n_images: int = 256
     n_captions: int = 256

@@ -50,6 +50,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     c = p.add_argument_group("calibration")
     c.add_argument("--calib-images", help="folder of images (sub-folders = classes) or a registered dataset name")
     c.add_argument("--calib-captions", help="text file, one caption per line")
+    c.add_argument("--calib-split-file", help="registered datasets: the test list (calibration uses the rest)")
     c.add_argument("--calib-text", help="LLMs: text file or local Hugging Face dataset")
     c.add_argument("--n-images", type=int)
     c.add_argument("--n-captions", type=int)
@@ -66,7 +67,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 _FLAG_FIELDS = (
     "model", "method", "eps", "eps_v", "eps_t", "eps_attn", "eps_mlp", "ratio", "target_reduction", "allocation",
-    "eps_proportion", "als_iters", "targets", "exclude", "calib_images", "calib_captions", "calib_text", "n_images",
+    "eps_proportion", "als_iters", "targets", "exclude", "calib_images", "calib_captions", "calib_split_file", "calib_text", "n_images",
     "n_captions", "n_samples", "seq_len", "batch_size", "data_root", "seed", "device", "mode", "propagate",
 )
 

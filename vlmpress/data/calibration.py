@@ -112,7 +112,7 @@ def _readable_class(name: str) -> str:
 
 
 def load_calibration_images(
-    source: str, n: int, seed: int = 0, data_root: str | None = None
+    source: str, n: int, seed: int = 0, data_root: str | None = None, split_file: str | None = None
 ) -> tuple[list[Any], list[str] | None, str]:
     """(images, class names or None, description) from a folder or a registered dataset's train split."""
     if Path(source).expanduser().is_dir():
@@ -125,11 +125,12 @@ def load_calibration_images(
     except ImportError:  # pragma: no cover - dataset registry not available
         registry = None
     if registry is not None and source in getattr(registry, "DATASETS", {}):
-        ds = registry.build_dataset(source, split="train", root=data_root)
+        # the train part of the same split evaluation uses: calibration never sees a test image
+        ds = registry.build_dataset(source, split="train", root=data_root, split_file=split_file)  # default split seed = eval default
         indices = _sample(list(range(len(ds))), n, seed)
         images = [ds[i][0] for i in indices]
         names = list(getattr(ds, "classnames", None) or [])
-        return images, names or None, f"dataset {source} train split ({len(images)} images)"
+        return images, names or None, f"dataset {source} train split {ds.split_id} ({len(images)} images)"
     known = sorted(getattr(registry, "DATASETS", {})) if registry is not None else []
     raise CalibrationError(
         f"calibration images '{source}' is neither an existing folder nor a registered dataset"
@@ -170,6 +171,7 @@ def build_calibration_set(
     data_root: str | None = None,
     need_images: bool = True,
     need_captions: bool = True,
+    split_file: str | None = None,
 ) -> CalibrationSet:
     """Resolve the ``calib_images`` / ``calib_captions`` settings of a compression config."""
     out = CalibrationSet()
@@ -178,7 +180,7 @@ def build_calibration_set(
             raise CalibrationError(
                 "calibration images are required: pass --calib-images FOLDER (or a registered dataset name)"
             )
-        out.images, out.class_names, out.image_source = load_calibration_images(images, n_images, seed, data_root)
+        out.images, out.class_names, out.image_source = load_calibration_images(images, n_images, seed, data_root, split_file)
         if not need_images:
             out.images = []
     if need_captions:
