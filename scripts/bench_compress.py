@@ -65,7 +65,9 @@ def main() -> None:
         sync(); plain_t = time.perf_counter() - t0
 
     # calibration = the same forwards with covariance hooks (images pre-decoded here too)
-    import vlmpress.compress as pipeline
+    import importlib
+
+    pipeline = importlib.import_module("vlmpress.compress")  # the module, not a same-named function
 
     original = pipeline._calibration_batches
     pipeline._calibration_batches = lambda ad, group, c, cfg: img_batches if group == "vision" else txt_batches

@@ -31,6 +31,8 @@ def main() -> None:
     p.add_argument("--model", default="open_clip:ViT-B-16")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 32, 128])
     p.add_argument("--reductions", type=float, nargs="+", default=[0.2, 0.4])
+    p.add_argument("--rank-multiples", type=int, nargs="+", default=[1],
+                   help="also time ranks aligned to these multiples (e.g. 1 8: exact and tensor-core friendly)")
     p.add_argument("--min-seconds", type=float, default=2.0)
     p.add_argument("--device", default="auto")
     args = p.parse_args()
@@ -42,10 +44,13 @@ def main() -> None:
     dense.prepare_for_compression()
     variants = {"dense": dense}
     for r in args.reductions:
-        v = copy.deepcopy(dense)
-        rep = compress(v, CompressionConfig(method="svd", target_reduction=r, device="cpu"))
-        variants[f"{int(r * 100)}%"] = v
-        print(f"# {int(r * 100)}% variant: targeted reduction {rep.targeted_reduction:.3f}, whole model {rep.whole_model_reduction:.3f}")
+        for multiple in args.rank_multiples:
+            v = copy.deepcopy(dense)
+            rep = compress(v, CompressionConfig(method="svd", target_reduction=r, device="cpu", rank_multiple=multiple))
+            name = f"{int(r * 100)}%" + (f"/{multiple}" if multiple > 1 else "")
+            variants[name] = v
+            print(f"# {name} variant (ranks multiple of {multiple}): targeted reduction {rep.targeted_reduction:.3f}, "
+                  f"whole model {rep.whole_model_reduction:.3f}")
     images = calibration_images(max(args.batch_sizes))
     pixels = torch.stack([dense.preprocess(im) for im in images])
     texts = captions(max(args.batch_sizes))

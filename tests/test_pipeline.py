@@ -207,3 +207,34 @@ def test_compress_model_entry_point_accepts_spec_dict_and_overrides(tmp_path, ca
     assert vlmpress.load_model(str(out)).checkpoint_config["ranks"] == report.rank_map
     with pytest.raises(ConfigError, match="already a compressed checkpoint"):
         vlmpress.compress_model(str(out), {"method": "svd", "ratio": 0.5})
+
+
+def test_rank_multiple_keeps_tolerance_and_target():
+    """Aligned ranks (GPU-friendly GEMMs): multiples of 8, error still <= eps, targets still met."""
+    from vlmpress.allocation import ranks_for_target_ratio, ranks_from_ratio, ranks_from_tolerances
+    from vlmpress.core.rank import align_rank, relative_truncation_errors
+
+    assert [align_rank(r, 8, 100) for r in (1, 8, 9, 97, 100)] == [8, 8, 16, 100, 100]
+    assert [align_rank(r, 8, 100, up=False) for r in (1, 8, 15, 99)] == [8, 8, 8, 96]
+    assert align_rank(5, 8, 6) == 6 and align_rank(37, 1, 30) == 30
+    g = torch.Generator().manual_seed(1)
+    plans = []
+    for i in range(40):
+        n, m = (128, 128) if i % 2 else (256, 128)
+        s = torch.linalg.svdvals(torch.randn(n, m, generator=g, dtype=torch.float64) @ torch.diag(torch.rand(m, generator=g, dtype=torch.float64)))
+        plans.append(LayerPlan(f"l{i}", "vision" if i < 20 else "text", "mlp", n, m, True, s))
+    ranks = ranks_from_tolerances(plans, {"*": 0.3}, multiple=8)
+    for p in plans:
+        r = ranks[p.name]
+        assert r % 8 == 0 or r == min(p.out_features, p.in_features)
+        assert relative_truncation_errors(p.singular_values)[r] <= 0.3  # rounding up never loosens eps
+        assert r >= ranks_from_tolerances([p], {"*": 0.3})[p.name]
+    assert all(r % 8 == 0 for r in ranks_from_ratio(plans, 0.4, multiple=8).values())
+    for target in (0.2, 0.5):
+        tols, achieved = tolerances_for_target(plans, target, {"*": 1.0}, multiple=8)
+        assert abs(achieved - target) <= 0.005
+        assert all(r % 8 == 0 for r in ranks_from_tolerances(plans, tols, 8).values())
+        ranks, achieved = ranks_for_target_ratio(plans, target, multiple=8)
+        assert abs(achieved - target) <= 0.005 and all(r % 8 == 0 for r in ranks.values())
+    with pytest.raises(ConfigError, match="rank_multiple"):
+        CompressionConfig(rank_multiple=0).validate()

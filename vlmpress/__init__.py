@@ -12,7 +12,6 @@ import logging
 from vlmpress.adapters import load_model
 from vlmpress.api import compress_model
 from vlmpress.checkpoint import export_dense, load_compressed, save_compressed
-from vlmpress.compress import compress
 from vlmpress.config import CompressionConfig
 from vlmpress.core import CovarianceCollector, LowRankLinear, factorize
 
@@ -24,7 +23,6 @@ __all__ = [
     "CompressionConfig",
     "CovarianceCollector",
     "LowRankLinear",
-    "compress",
     "compress_model",
     "export_dense",
     "factorize",

@@ -13,7 +13,7 @@ from typing import Callable
 
 import torch
 
-from vlmpress.core.rank import lowrank_params, ratio_rank, saves_parameters, tolerance_ranks
+from vlmpress.core.rank import align_rank, lowrank_params, ratio_rank, saves_parameters, tolerance_ranks
 from vlmpress.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -55,17 +55,27 @@ def tolerance_key(layer: LayerPlan, tolerances: dict[str, float]) -> str:
     )
 
 
-def ranks_from_tolerances(layers: list[LayerPlan], tolerances: dict[str, float]) -> dict[str, int]:
+def _max_rank(layer: LayerPlan) -> int:
+    return min(layer.out_features, layer.in_features)
+
+
+def ranks_from_tolerances(layers: list[LayerPlan], tolerances: dict[str, float], multiple: int = 1) -> dict[str, int]:
+    """Tolerance ranks; with ``multiple > 1`` rounded *up* to a multiple (the error stays <= eps)."""
     ranks = {}
     for layer in layers:
         if layer.singular_values is None:
             raise ValueError(f"layer {layer.name} has no spectrum")
-        ranks[layer.name] = tolerance_ranks(layer.singular_values, [tolerances[tolerance_key(layer, tolerances)]])[0]
+        r = tolerance_ranks(layer.singular_values, [tolerances[tolerance_key(layer, tolerances)]])[0]
+        ranks[layer.name] = align_rank(r, multiple, _max_rank(layer), up=True)
     return ranks
 
 
-def ranks_from_ratio(layers: list[LayerPlan], ratio: float) -> dict[str, int]:
-    return {layer.name: ratio_rank(layer.out_features, layer.in_features, ratio) for layer in layers}
+def ranks_from_ratio(layers: list[LayerPlan], ratio: float, multiple: int = 1) -> dict[str, int]:
+    """Uniform-ratio ranks; with ``multiple > 1`` rounded *down* (the saving stays >= ratio)."""
+    return {
+        layer.name: align_rank(ratio_rank(layer.out_features, layer.in_features, ratio), multiple, _max_rank(layer), up=False)
+        for layer in layers
+    }
 
 
 def reduction_of(layers: list[LayerPlan], ranks: dict[str, int]) -> float:
@@ -93,7 +103,7 @@ def _bisect(fn: Callable[[float], float], target: float, lo: float, hi: float, i
 
 
 def tolerances_for_target(
-    layers: list[LayerPlan], target: float, weights: dict[str, float]
+    layers: list[LayerPlan], target: float, weights: dict[str, float], multiple: int = 1
 ) -> tuple[dict[str, float], float]:
     """Tolerances ``eps_k = min(1, s * weights[k])`` with s chosen so the reduction is closest to ``target``.
 
@@ -109,31 +119,34 @@ def tolerances_for_target(
     def tolerances(s: float) -> dict[str, float]:
         return {k: min(1.0, s * w) for k, w in weights.items()}
 
-    s, achieved = _bisect(lambda s: reduction_of(layers, ranks_from_tolerances(layers, tolerances(s))), target, 0.0, s_max)
+    s, achieved = _bisect(lambda s: reduction_of(layers, ranks_from_tolerances(layers, tolerances(s), multiple)), target, 0.0, s_max)
     _warn_if_off(target, achieved, "tolerance")
     return tolerances(s), achieved
 
 
-def ranks_for_target_ratio(layers: list[LayerPlan], target: float) -> tuple[dict[str, int], float]:
+def ranks_for_target_ratio(layers: list[LayerPlan], target: float, multiple: int = 1) -> tuple[dict[str, int], float]:
     """Uniform-ratio ranks for a target reduction, with the rounding remainder distributed.
 
     Every layer gets ``floor((1 - target) * m n / (m + n))`` (the SVD-LLM convention); then, in order
     of the largest fractional parts, single ranks are added back while that moves the reduction
     closer to ``target``. Ranks stay uniform up to +-1, and the target is met to within one rank
-    step of one layer even when many layers share a shape.
+    step of one layer even when many layers share a shape. With ``multiple > 1`` ranks start at the
+    multiple below and steps are of ``multiple``.
     """
+    step = max(1, multiple)
     real = {l.name: (1 - target) * l.out_features * l.in_features / (l.out_features + l.in_features) for l in layers}
-    ranks = {l.name: max(1, min(int(real[l.name]), min(l.out_features, l.in_features))) for l in layers}
+    ranks = {l.name: align_rank(int(real[l.name]), step, _max_rank(l), up=False) for l in layers}
     current = reduction_of(layers, ranks)
-    for layer in sorted(layers, key=lambda l: real[l.name] - int(real[l.name]), reverse=True):
-        if ranks[layer.name] >= min(layer.out_features, layer.in_features):
+    for layer in sorted(layers, key=lambda l: (real[l.name] - ranks[l.name]) / step, reverse=True):
+        old = ranks[layer.name]
+        if old >= _max_rank(layer):
             continue
-        ranks[layer.name] += 1
+        ranks[layer.name] = min(old + step, _max_rank(layer))
         trial = reduction_of(layers, ranks)
         if abs(trial - target) < abs(current - target):
             current = trial
         else:
-            ranks[layer.name] -= 1
+            ranks[layer.name] = old
     _warn_if_off(target, current, "ratio")
     return ranks, current
 

@@ -111,13 +111,13 @@ def plan_ranks(
                     weights = dict(config.eps_proportion)
                 else:
                     raise ConfigError("allocation 'auto' is resolved by vlmpress.auto_allocation before planning")
-                tolerances, _ = tolerances_for_target(plans, config.target_reduction, weights)
+                tolerances, _ = tolerances_for_target(plans, config.target_reduction, weights, config.rank_multiple)
             else:
                 tolerances = config.group_tolerances()
-        return ranks_from_tolerances(plans, tolerances), tolerances, None
+        return ranks_from_tolerances(plans, tolerances, config.rank_multiple), tolerances, None
     if config.ratio is not None:
-        return ranks_from_ratio(plans, config.ratio), {}, config.ratio
-    ranks, _ = ranks_for_target_ratio(plans, config.target_reduction)
+        return ranks_from_ratio(plans, config.ratio, config.rank_multiple), {}, config.ratio
+    ranks, _ = ranks_for_target_ratio(plans, config.target_reduction, config.rank_multiple)
     return ranks, {}, config.target_reduction
 
 

@@ -47,6 +47,7 @@ class CompressionConfig:
     allocation: str = "shared"  # shared | proportion | auto (how target_reduction is split across groups)
     eps_proportion: dict[str, float] = field(default_factory=lambda: {"vision": 1.0, "text": 1.0})
     als_iters: int = 10
+    rank_multiple: int = 1  # round ranks to a multiple (8 or 16: tensor-core GEMM shapes on GPU); 1 = paper
     # --- which layers
     targets: list[str] = field(default_factory=list)  # regexes on layer names; empty = all candidates
     exclude: list[str] = field(default_factory=list)
@@ -116,6 +117,8 @@ class CompressionConfig:
             raise ConfigError(f"eps_proportion values must be positive numbers, got {self.eps_proportion}")
         if self.als_iters < 0:
             raise ConfigError(f"als_iters must be >= 0, got {self.als_iters}")
+        if not isinstance(self.rank_multiple, int) or self.rank_multiple < 1:
+            raise ConfigError(f"rank_multiple must be a positive integer (1 = exact ranks, 8/16 for GPUs), got {self.rank_multiple}")
         for name in ("n_images", "n_captions", "n_samples", "seq_len", "batch_size"):
             if int(getattr(self, name)) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")

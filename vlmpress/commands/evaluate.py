@@ -17,7 +17,7 @@ from vlmpress.data.datasets import DATASETS, IMAGEFOLDER_PREFIX, TEMPLATE_MODES,
 from vlmpress.data.splits import DEFAULT_TEST_FRACTION
 from vlmpress.errors import ConfigError, DatasetError
 
-HELP = "zero-shot classification accuracy of models on Caltech101, Food101, Pets, Cars, EuroSAT, DTD"
+HELP = "zero-shot accuracy (Caltech101, Food101, Pets, Cars, EuroSAT, DTD) or LLM perplexity / lm-eval tasks"
 logger = logging.getLogger(__name__)
 
 
@@ -32,14 +32,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "several models are evaluated one after the other",
     )
     p.add_argument(
-        "--datasets", required=True,
-        help=f"comma-separated: {', '.join(DATASETS)}, 'all', or imagefolder:<path> for a folder of class sub-folders",
+        "--datasets",
+        help=f"CLIP models: comma-separated: {', '.join(DATASETS)}, 'all', or imagefolder:<path> for a folder of class sub-folders",
     )
     p.add_argument("--data-root", help="directory holding the datasets (default: $VLMPRESS_DATA)")
     p.add_argument("--download", action="store_true", help="let torchvision download missing datasets (needs internet)")
     p.add_argument("--out", default="eval/results", help="output directory for JSON results + results.jsonl (default: %(default)s)")
     p.add_argument("--limit", type=int, help="evaluate a stratified, deterministic subset of N images per dataset")
-    p.add_argument("--batch-size", type=int, default=64, help="images per batch (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, help="images per batch (default 64) or LM sequences per batch (default 1)")
     p.add_argument("--num-workers", type=int, default=_default_workers(), help="data loader processes (default: %(default)s)")
     p.add_argument("--templates", choices=TEMPLATE_MODES, default="ensemble",
                    help="prompt ensemble published with CLIP, or the single 'a photo of a {}.' (ablation)")
@@ -58,6 +58,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache-dir", help="keep preprocessed test images here (fp16) and reuse them for every "
                    "model with the same preprocessing (suites of compressed variants)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    from vlmpress.commands.evaluate_lm import add_lm_arguments
+
+    add_lm_arguments(p)  # --perplexity / --tasks route a run to the LLM evaluation
 
 
 def _parse_datasets(text: str) -> list[str]:
@@ -128,6 +131,21 @@ HEADER = f"{'model':<40} {'dataset':<16} {'images':>6} {'top1':>6} {'±se':<6} {
 
 
 def run(args: argparse.Namespace) -> int:
+    lm_requested = bool(getattr(args, "perplexity", None) or getattr(args, "tasks", None))
+    if lm_requested and args.datasets:
+        raise ConfigError("--datasets (zero-shot, CLIP) and --perplexity/--tasks (LLMs) are separate runs; give one kind")
+    if lm_requested:
+        from vlmpress.commands.evaluate_lm import run_lm
+
+        args.batch_size = args.batch_size or 1
+        return run_lm(args)
+    if not args.datasets:
+        raise ConfigError("nothing to evaluate: pass --datasets (CLIP zero-shot) or --perplexity/--tasks (LLMs)")
+    args.batch_size = args.batch_size or 64
+    return _run_zeroshot(args)
+
+
+def _run_zeroshot(args: argparse.Namespace) -> int:
     from vlmpress.adapters import VisionLanguageAdapter, load_model
     from vlmpress.evaluation.results import make_record, write_record
     from vlmpress.evaluation.zeroshot import autocast_context, evaluate_zeroshot, resolve_device

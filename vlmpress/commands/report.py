@@ -8,7 +8,8 @@ from pathlib import Path
 
 from vlmpress.errors import ConfigError
 
-HELP = "build the zero-shot table (Markdown + CSV) and plot from results.jsonl written by 'vlmpress eval'"
+HELP = "build Table 2 (zero-shot) or Table 1 (LLM perplexity/tasks) as Markdown + CSV, and plots, from results.jsonl"
+LM_KINDS = ("perplexity", "lm_eval")
 logger = logging.getLogger(__name__)
 
 
@@ -20,11 +21,54 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--metric", choices=["top1", "top5"], default="top1", help="metric of the plot (default: %(default)s)")
 
 
+def _lm_records(paths: list[str]) -> list[dict]:
+    """LLM result lines (``kind`` perplexity / lm_eval) of the given files; others are left to Table 2."""
+    import json
+
+    out = []
+    for p in map(Path, paths):
+        p = p / "results.jsonl" if p.is_dir() else p
+        if not p.is_file():
+            continue
+        lines = [p.read_text(encoding="utf-8")] if p.suffix == ".json" else p.read_text(encoding="utf-8").splitlines()
+        for line in lines:
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # truncated line: read_records warns about it
+            if isinstance(rec, dict) and rec.get("kind") in LM_KINDS:
+                out.append(rec)
+    return out
+
+
+def _out_dir(args: argparse.Namespace) -> Path:
+    first = Path(args.results[0])
+    return Path(args.out) if args.out else (first if first.is_dir() else first.parent)
+
+
+def _run_lm_table(args: argparse.Namespace, records: list[dict]) -> int:
+    from vlmpress.evaluation.lm_table import build_lm_table
+    from vlmpress.io import atomic_write_text
+
+    markdown, csv_text = build_lm_table(records)
+    out = _out_dir(args)
+    md = atomic_write_text(out / "table.md", markdown)
+    csv_path = atomic_write_text(out / "table.csv", csv_text)
+    print(markdown)
+    print(f"wrote {md} and {csv_path}")
+    if args.plot:
+        logger.warning("--plot draws zero-shot accuracy; LLM results have no plot yet")
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     from vlmpress.evaluation.results import ResultsError, read_records
     from vlmpress.evaluation.table import build_table
     from vlmpress.io import atomic_write_text
 
+    lm = _lm_records(args.results)
+    if lm:
+        return _run_lm_table(args, lm)
     records = read_records(args.results)
     if not records:
         raise ResultsError(f"no readable result records in {', '.join(args.results)}")
@@ -32,8 +76,7 @@ def run(args: argparse.Namespace) -> int:
     table = build_table(records, datasets=datasets)
     if not table.rows:
         raise ConfigError(f"none of the records covers the requested datasets ({args.datasets})")
-    first = Path(args.results[0])
-    out = Path(args.out) if args.out else (first if first.is_dir() else first.parent)
+    out = _out_dir(args)
     md = atomic_write_text(out / "table.md", table.to_markdown())
     csv_path = atomic_write_text(out / "table.csv", table.to_csv())
     print(table.to_markdown())

@@ -129,6 +129,8 @@ class CovarianceCollector:
             keep = mask.reshape(-1)
         elif mask.dim() == 2 and tuple(mask.mT.shape) == lead:
             keep = mask.mT.reshape(-1)
+        elif len(lead) == 1 and mask.numel() == lead[0]:  # tokens flattened row-major (OPT's MLP: (b*s, d))
+            keep = mask.reshape(-1)
         else:
             raise CalibrationError(
                 f"calibration mask of shape {tuple(mask.shape)} does not match the input of layer '{name}' "

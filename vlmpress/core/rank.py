@@ -79,6 +79,20 @@ def tolerance_ranks(singular_values: torch.Tensor, eps_values) -> list[int]:
     return out
 
 
+def align_rank(rank: int, multiple: int, max_rank: int, *, up: bool = True) -> int:
+    """``rank`` moved to a multiple of ``multiple`` (tensor-core friendly GEMM shapes), within [1, max_rank].
+
+    ``up=True`` rounds up (a tolerance rank stays within its tolerance); ``up=False`` rounds down
+    (a ratio rank keeps at least its parameter saving). ``max_rank`` itself is always allowed.
+    """
+    if multiple <= 1:
+        return max(1, min(rank, max_rank))
+    aligned = -(-rank // multiple) * multiple if up else (rank // multiple) * multiple
+    if aligned < multiple:
+        aligned = multiple
+    return max(1, min(aligned, max_rank))
+
+
 def ratio_rank(out_features: int, in_features: int, ratio: float) -> int:
     """Rank that removes a fraction ``ratio`` of an ``out x in`` layer's weight parameters."""
     ratio = check_ratio(ratio)

@@ -49,8 +49,11 @@ class Factorization:
 # ----------------------------------------------------------------------------- helpers
 
 
-def _resolve_device(device) -> torch.device:
-    if device is None or device == "auto":
+def _resolve_device(device, like: torch.Tensor) -> torch.device:
+    """``None``: where W already is (pure functions never move data by surprise); ``auto``: CUDA if present."""
+    if device is None:
+        return like.device
+    if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
 
@@ -123,7 +126,7 @@ def svd_of(W: torch.Tensor, device=None, driver: str = "gram") -> tuple[torch.Te
     full rank reproduces W to rounding. Columns for (numerically) zero singular values are zero.
     ``driver="lapack"`` uses ``torch.linalg.svd``.
     """
-    dev = _resolve_device(device)
+    dev = _resolve_device(device, W)
     W64 = _as_f64(W, dev)
     if driver == "lapack":
         return torch.linalg.svd(W64, full_matrices=False)
@@ -188,7 +191,7 @@ def solve_svd(
 ) -> Factorization:
     """Plain truncated SVD of W (activation-agnostic baseline)."""
     _check_inputs(W, rank, M)
-    dev = _resolve_device(device)
+    dev = _resolve_device(device, W)
     t0 = time.perf_counter()
     U, S, Vh = svd if svd is not None else svd_of(W, dev)
     A, B = _factors_from_svd(U.to(dev, torch.float64), S.to(dev, torch.float64), Vh.to(dev, torch.float64), rank)
@@ -214,7 +217,7 @@ def activation_optimal_factors(
     and map back with ``diag(l_k)^-1/2 Q_k^T``. Directions that X never excites get zero weight,
     which is the minimum-norm optimum. Works for any PSD M, singular or not.
     """
-    dev = _resolve_device(device)
+    dev = _resolve_device(device, W)
     W64, M64 = _as_f64(W, dev), _symmetrize(_as_f64(M, dev))
     evals, Q = torch.linalg.eigh(M64)
     keep = evals > rcond * evals.max().clamp_min(0)
@@ -250,7 +253,7 @@ def solve_svd_llm(
     if M is None:
         raise ConfigError("svd_llm needs the input covariance M of the layer (run calibration first)")
     _check_inputs(W, rank, M)
-    dev = _resolve_device(device)
+    dev = _resolve_device(device, W)
     W64, M64 = _as_f64(W, dev), _symmetrize(_as_f64(M, dev))
     t0 = time.perf_counter()
     info: dict = {}
@@ -310,7 +313,7 @@ def solve_als(
     if int(iters) < 0:
         raise ConfigError(f"als iterations must be >= 0, got {iters}")
     _check_inputs(W, rank, M)
-    dev = _resolve_device(device)
+    dev = _resolve_device(device, W)
     W64, M64 = _as_f64(W, dev), _symmetrize(_as_f64(M, dev))
     t0 = time.perf_counter()
     U, S, Vh = svd if svd is not None else svd_of(W64, dev)

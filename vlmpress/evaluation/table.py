@@ -188,8 +188,10 @@ def build_table(records: Iterable[EvalRecord], *, datasets: Sequence[str] | None
         recs = [rec for (k, ds), rec in chosen.items() if ds == d]
         splits = sorted({r.split for r in recs})
         sizes = sorted({r.n_images for r in recs})
+        errs = [r.top1_stderr for r in recs if r.top1_stderr is not None]
+        se = f"; top-1 standard error {100 * min(errs):.2f}-{100 * max(errs):.2f} pp (binomial)" if errs else ""
         if len(splits) == 1 and len(sizes) == 1:
-            notes.append(f"{dataset_title(d)}: split {splits[0]}, {sizes[0]} images")
+            notes.append(f"{dataset_title(d)}: split {splits[0]}, {sizes[0]} images{se}")
         elif recs:
             notes.append(f"{dataset_title(d)}: MIXED splits/sizes across rows: {', '.join(splits)}; n = {sizes}")
     incomplete = [r.display_label for r in ordered if r.average(datasets) is None]
