@@ -23,13 +23,7 @@ from vlmpress.lm_reference import TINY_TEXT, save_tiny_causal_lm
 ARCHS = ["llama", "qwen2", "gpt2", "opt"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matrices: one thread avoids OpenMP oversubscription on shared CPUs (10-100x faster)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny matrices: see conftest
 
 
 @pytest.fixture(scope="module")
@@ -208,3 +202,23 @@ def test_cli_compress_clustered_eps(tiny_dirs, tmp_path, capsys):
     assert cfg["family"] == "hf_causal_lm" and cfg["tolerances"] == {"attn": 0.5, "mlp": 0.7} and cfg["ranks"]
     assert cfg["compression"]["calibration"]["n_samples"] == 4
     assert (tmp_path / "dense" / "config.json").is_file() and (tmp_path / "dense" / "tokenizer.json").is_file()
+
+
+def test_torch_dtype_passes_through_to_from_pretrained(tiny_dirs):
+    import vlmpress
+    from vlmpress.core.lowrank import LowRankLinear
+    from vlmpress.errors import ConfigError
+    from vlmpress.testing import TINY_OPEN_CLIP_SPEC
+
+    dirs, text = tiny_dirs
+    adapter, report = vlmpress.compress_model(
+        f"hf:{dirs['llama']}", method="pgsvd", eps=0.5, calib_text=str(text), n_samples=4, seq_len=16,
+        als_iters=1, device="cpu", torch_dtype="bfloat16",
+    )
+    layers = [m for m in adapter.model.modules() if isinstance(m, LowRankLinear)]
+    assert layers and all(m.A.dtype == torch.bfloat16 and m.B.dtype == torch.bfloat16 for m in layers)
+    assert adapter.model.get_input_embeddings().weight.dtype == torch.bfloat16
+    with pytest.raises(ConfigError, match="torch_dtype"):
+        vlmpress.compress_model(TINY_OPEN_CLIP_SPEC, eps=0.5, torch_dtype="float16", calib_images=str(text.parent))
+    with pytest.raises(ConfigError, match="torch_dtype must be"):
+        vlmpress.CompressionConfig(torch_dtype="int8").validate()

@@ -17,12 +17,7 @@ from vlmpress.evaluation.perplexity import evaluate_perplexity, window_plan
 from vlmpress.lm_reference import TINY_TEXT, save_tiny_causal_lm
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny matrices: see conftest
 
 
 @pytest.fixture(scope="module")

@@ -90,13 +90,19 @@ def test_target_reduction_is_hit(calib, method, allocation):
         assert report.tolerances["text"] / report.tolerances["vision"] == pytest.approx(1.3 / 0.7)
 
 
-def test_tolerance_bisection_within_half_a_point_on_many_layers():
-    g = torch.Generator().manual_seed(0)
+def random_plans(count: int, shapes: list[tuple[int, int]], seed: int) -> list[LayerPlan]:
+    """Layer plans with random decaying spectra; the first half 'vision', the rest 'text'."""
+    g = torch.Generator().manual_seed(seed)
     plans = []
-    for i in range(60):
-        n, m = (96, 96) if i % 3 else (192, 96)
+    for i in range(count):
+        n, m = shapes[i % len(shapes)]
         s = torch.linalg.svdvals(torch.randn(n, m, generator=g, dtype=torch.float64) @ torch.diag(torch.rand(m, generator=g, dtype=torch.float64)))
-        plans.append(LayerPlan(f"l{i}", "vision" if i < 30 else "text", "mlp", n, m, True, s))
+        plans.append(LayerPlan(f"l{i}", "vision" if i < count // 2 else "text", "mlp", n, m, True, s))
+    return plans
+
+
+def test_tolerance_bisection_within_half_a_point_on_many_layers():
+    plans = random_plans(60, [(192, 96), (96, 96), (96, 96)], seed=0)
     for target in (0.2, 0.4, 0.6):
         for weights in ({"*": 1.0}, {"vision": 1.3, "text": 0.7}):
             tols, achieved = tolerances_for_target(plans, target, weights)
@@ -217,12 +223,7 @@ def test_rank_multiple_keeps_tolerance_and_target():
     assert [align_rank(r, 8, 100) for r in (1, 8, 9, 97, 100)] == [8, 8, 16, 100, 100]
     assert [align_rank(r, 8, 100, up=False) for r in (1, 8, 15, 99)] == [8, 8, 8, 96]
     assert align_rank(5, 8, 6) == 6 and align_rank(37, 1, 30) == 30
-    g = torch.Generator().manual_seed(1)
-    plans = []
-    for i in range(40):
-        n, m = (128, 128) if i % 2 else (256, 128)
-        s = torch.linalg.svdvals(torch.randn(n, m, generator=g, dtype=torch.float64) @ torch.diag(torch.rand(m, generator=g, dtype=torch.float64)))
-        plans.append(LayerPlan(f"l{i}", "vision" if i < 20 else "text", "mlp", n, m, True, s))
+    plans = random_plans(40, [(256, 128), (128, 128)], seed=1)
     ranks = ranks_from_tolerances(plans, {"*": 0.3}, multiple=8)
     for p in plans:
         r = ranks[p.name]

@@ -53,10 +53,20 @@ def compress_model(
         adapter_cls = adapter_for_spec(model)
     else:
         adapter_cls = type(model)
+    load_kwargs = {}
+    if cfg.torch_dtype or cfg.device_map:
+        if not hasattr(adapter_cls, "decoder_blocks"):
+            raise ConfigError("torch_dtype / device_map apply to Hugging Face causal LMs (hf:...), not to this model")
+        import torch
+
+        if cfg.torch_dtype:
+            load_kwargs["torch_dtype"] = cfg.torch_dtype if cfg.torch_dtype == "auto" else getattr(torch, cfg.torch_dtype)
+        if cfg.device_map:
+            load_kwargs["device_map"] = cfg.device_map
     device = resolve_device(cfg.device)
     if calibration is None:
         calibration = load_calibration(adapter_cls, cfg)  # before loading: bad data fails fast
-    adapter = adapter_cls.load(model, device=device) if isinstance(model, str) else model
+    adapter = adapter_cls.load(model, device=device, **load_kwargs) if isinstance(model, str) else model
     if cfg.mode == "sequential":
         from vlmpress.sequential import compress_sequential
 

@@ -303,31 +303,44 @@ def compress(
             )
         )
     t_factor = time.perf_counter() - t0
+    return finish_report(
+        adapter, config, layers, reports, used_tolerances, ratio, whole_before, calibration,
+        {"spectra": t_spectra, "calibration": t_calib, "factorisation": t_factor, "total": time.perf_counter() - t_start},
+    )
+
+
+def finish_report(
+    adapter: ModelAdapter,
+    config: CompressionConfig,
+    layers: list[TargetLayer],
+    reports: list[LayerReport],
+    tolerances: dict[str, float],
+    ratio: float | None,
+    whole_before: int,
+    calibration: Any,
+    seconds: dict[str, float],
+    calibration_extra: dict | None = None,
+) -> CompressionReport:
+    """The run's :class:`CompressionReport` (layers in model order), also attached to the adapter."""
     order = {layer.name: i for i, layer in enumerate(layers)}
     reports.sort(key=lambda r: order[r.name])
-
-    calib_info = {}
-    if calibration is not None and hasattr(calibration, "describe"):
-        calib_info = calibration.describe()
+    calib_info = calibration.describe() if calibration is not None and hasattr(calibration, "describe") else {}
+    if calib_info and calibration_extra:
+        calib_info = {**calib_info, **calibration_extra}
     report = CompressionReport(
         model=adapter.spec,
         method=config.method,
         solver=config.solver,
         rank_rule=config.rank_rule,
         layers=reports,
-        tolerances=used_tolerances,
+        tolerances=tolerances,
         ratio=ratio,
         target_reduction=config.target_reduction,
         allocation=config.allocation if config.target_reduction is not None and config.rank_rule == "tolerance" else None,
         whole_model_params_before=whole_before,
         whole_model_params_after=count_parameters(adapter.model),
         calibration=calib_info,
-        seconds={
-            "spectra": t_spectra,
-            "calibration": t_calib,
-            "factorisation": t_factor,
-            "total": time.perf_counter() - t_start,
-        },
+        seconds=seconds,
         config=config.to_dict(),
     )
     adapter.compression_report = report  # type: ignore[attr-defined]

@@ -67,6 +67,8 @@ class CompressionConfig:
     accumulate_dtype: str = "float32"
     # --- execution
     device: str = "auto"  # where the factorisation runs: auto = cuda when present
+    torch_dtype: str | None = None  # hf LLMs: float32 | bfloat16 | float16 | auto (weights' dtype when loading)
+    device_map: str | None = None  # hf LLMs: passed to from_pretrained (e.g. "auto": accelerate dispatch/offload)
     mode: str = "whole"  # whole | sequential (LLMs: one decoder block at a time)
     propagate: str = "compressed"  # sequential mode: feed next block the original or compressed outputs
 
@@ -124,6 +126,8 @@ class CompressionConfig:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.accumulate_dtype not in ("float32", "float64"):
             raise ConfigError(f"accumulate_dtype must be float32 or float64, got '{self.accumulate_dtype}'")
+        if self.torch_dtype not in (None, "float32", "bfloat16", "float16", "auto"):
+            raise ConfigError(f"torch_dtype must be float32, bfloat16, float16 or auto, got '{self.torch_dtype}'")
         if self.mode not in ("whole", "sequential"):
             raise ConfigError(f"mode must be 'whole' or 'sequential', got '{self.mode}'")
         if self.propagate not in ("original", "compressed"):

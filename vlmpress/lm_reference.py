@@ -259,7 +259,7 @@ def train_reference_lm(out_dir: str | Path, cfg: ReferenceLMConfig | None = None
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
         if step % 50 == 0 or step == cfg.steps - 1:
             logger.info("step %d/%d loss %.4f", step, cfg.steps, losses[-1])
     model.eval()

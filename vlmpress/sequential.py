@@ -46,6 +46,7 @@ from vlmpress.compress import (
     count_parameters,
     dense_layer_report,
     factorise_layer,
+    finish_report,
     plan_ranks,
     resolve_device,
     select_layers,
@@ -464,32 +465,11 @@ def compress_sequential(
         if i >= last_needed:
             hidden = None  # free the activations as soon as no later block needs them
 
-    order = {layer.name: k for k, layer in enumerate(layers)}
-    reports.sort(key=lambda r: order[r.name])
-    calib_info = calibration.describe() if calibration is not None and hasattr(calibration, "describe") else {}
-    report = CompressionReport(
-        model=adapter.spec,
-        method=config.method,
-        solver=config.solver,
-        rank_rule=config.rank_rule,
-        layers=reports,
-        tolerances=used_tolerances,
-        ratio=ratio,
-        target_reduction=config.target_reduction,
-        allocation=config.allocation if config.target_reduction is not None and config.rank_rule == "tolerance" else None,
-        whole_model_params_before=whole_before,
-        whole_model_params_after=count_parameters(adapter.model),
-        calibration={**calib_info, "mode": "sequential", "propagate": config.propagate} if calib_info else {},
-        seconds={
-            "spectra": t_spectra,
-            "calibration": t_calib,
-            "factorisation": t_factor,
-            "total": time.perf_counter() - t_start,
-        },
-        config=config.to_dict(),
+    return finish_report(
+        adapter, config, layers, reports, used_tolerances, ratio, whole_before, calibration,
+        {"spectra": t_spectra, "calibration": t_calib, "factorisation": t_factor, "total": time.perf_counter() - t_start},
+        calibration_extra={"mode": "sequential", "propagate": config.propagate},
     )
-    adapter.compression_report = report  # type: ignore[attr-defined]
-    return report
 
 
 __all__ = ["BlockInputs", "block_on_device", "capture_block_inputs", "compress_sequential", "run_block"]

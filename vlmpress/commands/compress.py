@@ -63,13 +63,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     e = p.add_argument_group("execution")
     e.add_argument("--device", help="auto (cuda when present), cpu or cuda[:N]")
     e.add_argument("--mode", choices=["whole", "sequential"], help="LLMs: sequential = one block at a time")
+    e.add_argument("--torch-dtype", choices=["float32", "bfloat16", "float16", "auto"], help="LLMs: dtype the weights are loaded in")
+    e.add_argument("--device-map", help="LLMs: accelerate device_map for from_pretrained, e.g. auto (multi-GPU / offload)")
     e.add_argument("--propagate", choices=["original", "compressed"], help="sequential mode: outputs fed forward")
 
 
 _FLAG_FIELDS = (
     "model", "method", "eps", "eps_v", "eps_t", "eps_attn", "eps_mlp", "ratio", "target_reduction", "allocation",
     "eps_proportion", "als_iters", "rank_multiple", "targets", "exclude", "calib_images", "calib_captions", "calib_split_file", "calib_text", "n_images",
-    "n_captions", "n_samples", "seq_len", "batch_size", "data_root", "seed", "device", "mode", "propagate",
+    "n_captions", "n_samples", "seq_len", "batch_size", "data_root", "seed", "device", "torch_dtype", "device_map", "mode", "propagate",
 )
 
 
