@@ -90,13 +90,13 @@ def psd_solve(G: torch.Tensor, R: torch.Tensor, rcond: float = DEFAULT_RCOND) ->
     """
     G = _symmetrize(G)
     scale = G.diagonal().max()
-    if scale <= 0:
-        return torch.zeros(G.shape[1], *R.shape[1:], dtype=R.dtype, device=R.device)
     L, info = torch.linalg.cholesky_ex(G)
-    if int(info.item()) == 0:
-        pivots = L.diagonal()
-        if bool(torch.isfinite(pivots).all()) and float(pivots.min().square()) > rcond * float(scale):
-            return torch.cholesky_solve(R, L)
+    pivots = L.diagonal()
+    ok = (info == 0) & (scale > 0) & torch.isfinite(pivots).all() & (pivots.min().square() > rcond * scale)
+    if bool(ok):  # a single host sync: this runs in every ALS iteration, on GPU too
+        return torch.cholesky_solve(R, L)
+    if not bool(scale > 0):
+        return torch.zeros(G.shape[1], *R.shape[1:], dtype=R.dtype, device=R.device)
     evals, evecs = torch.linalg.eigh(G)
     cutoff = rcond * evals.max().clamp_min(0)
     inv = torch.where(evals > cutoff, 1.0 / evals.clamp_min(torch.finfo(G.dtype).tiny), torch.zeros_like(evals))
@@ -343,7 +343,9 @@ def solve_als(
                 CtC = RK @ RK.mT
                 CtKC = (RK @ K) @ RK.mT
                 last = (RK, G)
-                R = G @ psd_solve(CtC, RK, rcond)
+                # one factorisation of CtC serves the update and the residual (fewer solves and syncs)
+                both = psd_solve(CtC, torch.cat([RK, CtKC], dim=1), rcond)
+                R = G @ both[:, : RK.shape[1]]
             else:
                 BM = B @ M64
                 G = BM @ B.mT
@@ -351,8 +353,9 @@ def solve_als(
                 CtC = Z @ BM.mT
                 CtKC = (Z @ M64) @ Z.mT
                 last = (BM, G)
-                B = G @ psd_solve(CtC, Z, rcond)
-            resid = total - float(psd_solve(CtC, CtKC, rcond).diagonal().sum())
+                both = psd_solve(CtC, torch.cat([Z, CtKC], dim=1), rcond)
+                B = G @ both[:, : Z.shape[1]]
+            resid = total - float(both[:, -CtKC.shape[1] :].diagonal().sum())
             history.append(max(resid, 0.0) ** 0.5 / total**0.5)
         if last is not None:
             left, G = last
