@@ -195,3 +195,14 @@ def test_cli_eval_perplexity_then_report_builds_table_1(tiny, tmp_path, capsys):
     assert main(["eval", "--model", f"hf:{model_dir}", "--out", str(out)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2 and "separate runs" in err[0] and "nothing to evaluate" in err[1]
+
+
+def test_write_records_keeps_in_memory_variants_apart(tmp_path):
+    from vlmpress.commands.evaluate_lm import write_records
+
+    base = {"model": "hf:/m", "kind": "perplexity", "dataset": "t.txt", "seq_len": 16, "stride": 16, "metrics": {}}
+    recs = [dict(base, method="base", reduction=0.0), dict(base, method="svd", reduction=0.2),
+            dict(base, method="pgsvd", reduction=0.2), dict(base, method="pgsvd", reduction=0.4)]
+    paths = write_records(tmp_path, recs)
+    assert len(set(paths)) == 4 and len(list(tmp_path.glob("*.json"))) == 4
+    assert len((tmp_path / "results.jsonl").read_text().splitlines()) == 4

@@ -136,8 +136,10 @@ def write_records(out_dir: str | Path, records: list[dict[str, Any]]) -> list[Pa
     out = Path(out_dir)
     paths = []
     for rec in records:
-        key = f"{rec['model']}|{rec['kind']}|{rec['dataset']}|{rec['seq_len']}|{rec['stride']}"
-        stem = f"{Path(str(rec['model'])).name or 'model'}-{rec['kind']}-{hashlib.sha1(key.encode()).hexdigest()[:8]}"
+        # in-memory variants of one base model share its spec: method and reduction keep their files apart
+        key = f"{rec['model']}|{rec['method']}|{rec['reduction']}|{rec['kind']}|{rec['dataset']}|{rec['seq_len']}|{rec['stride']}"
+        level = f"{rec['method']}" + (f"-{round(100 * rec['reduction'])}" if rec.get("reduction") else "")
+        stem = f"{Path(str(rec['model'])).name or 'model'}-{level}-{rec['kind']}-{hashlib.sha1(key.encode()).hexdigest()[:8]}"
         paths.append(atomic_write_json(out / f"{stem}.json", rec))
         append_jsonl(out / "results.jsonl", rec)
     return paths
