@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Train the small reference Llama on Python-stdlib docstrings (offline, deterministic, CPU minutes).
 
-    python scripts/train_reference_lm.py --out runs/reference_lm        # ~5-8 min on 2 CPU cores
+    python scripts/train_reference_lm.py --out runs/reference_lm        # ~7 min on 2 CPU cores (1.3M-parameter Llama)
 
 Writes OUT/model (an hf:<dir> checkpoint with tokenizer), OUT/train.txt, OUT/test.txt and
 OUT/training.json (config, corpus hash, final loss, wall time).
