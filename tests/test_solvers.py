@@ -63,7 +63,7 @@ def test_svd_is_the_weight_space_optimum(problem):
 @pytest.mark.parametrize("rank", [1, 4, 12, 24])
 def test_als_objective_never_increases(problem, rank):
     W, M, X = problem  # condition number of M ~ 300: slow convergence, still monotone
-    f = solve_als(W, rank, M, iters=10)
+    f = solve_als(W, rank, M, iters=10, track_history=True)
     h = f.history
     assert len(h) == 11
     assert all(b <= a + 1e-10 for a, b in zip(h, h[1:])), h
@@ -170,7 +170,10 @@ def test_input_validation(problem):
 def test_factorize_dispatch_and_weight_error(problem):
     W, M, _ = problem
     f = factorize("als", W, 5, M, iters=2)
-    assert f.method == "als" and f.info["iters"] == 2 and len(f.history) == 3
+    assert f.method == "als" and f.info["iters"] == 2 and len(f.history) == 2  # start and end
+    tracked = factorize("als", W, 5, M, iters=2, track_history=True)
+    assert len(tracked.history) == 3 and tracked.history[-1] == pytest.approx(f.history[-1], rel=1e-12)
+    torch.testing.assert_close(tracked.A @ tracked.B, f.A @ f.B, rtol=1e-12, atol=1e-12)
     assert weight_relative_error(W, f.A, f.B) == pytest.approx(f.weight_rel_error)
     assert activation_relative_error(W, f.A, f.B, M) == pytest.approx(f.act_rel_error, rel=1e-6)
 

@@ -292,6 +292,7 @@ def solve_als(
     svd: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     rcond: float = DEFAULT_RCOND,
     balance: bool = True,
+    track_history: bool = False,
     **_: object,
 ) -> Factorization:
     """PGSVD / SVD-ALS factor refinement (paper Algorithm 1, Eq. 6).
@@ -307,6 +308,10 @@ def solve_als(
     O(r d^2) with d = min(out, in), with no N x r solve. The r x r systems go through
     :func:`psd_solve` (Cholesky, eigh pseudo-inverse fallback). Each half-step exactly minimises
     the objective in one factor, so the recorded activation error never increases.
+
+    ``history`` holds the activation error of the SVD start and after the last iteration; with
+    ``track_history=True`` also after every iteration (the residual costs about a third of an
+    iteration, so it is off by default).
     """
     if M is None:
         raise ConfigError("als needs the input covariance M of the layer (run calibration first)")
@@ -336,27 +341,30 @@ def solve_als(
     if total > 0:
         history.append(max(e0, 0.0) ** 0.5 / total**0.5)
         last = None  # (left factor basis, G) of the last A-step, to build A at the end
-        for _ in range(int(iters)):
+        n_iters = int(iters)
+        for it in range(n_iters):
+            residual = track_history or it == n_iters - 1
             if wide:
                 RK = R @ K  # = C^T
                 G = RK @ R.mT
                 CtC = RK @ RK.mT
-                CtKC = (RK @ K) @ RK.mT
                 last = (RK, G)
-                # one factorisation of CtC serves the update and the residual (fewer solves and syncs)
-                both = psd_solve(CtC, torch.cat([RK, CtKC], dim=1), rcond)
+                # one factorisation of CtC serves the update and, when wanted, the residual
+                rhs = torch.cat([RK, (RK @ K) @ RK.mT], dim=1) if residual else RK  # [C^T | C^T K C]
+                both = psd_solve(CtC, rhs, rcond)
                 R = G @ both[:, : RK.shape[1]]
             else:
                 BM = B @ M64
                 G = BM @ B.mT
                 Z = BM @ GW  # = C^T W
                 CtC = Z @ BM.mT
-                CtKC = (Z @ M64) @ Z.mT
                 last = (BM, G)
-                both = psd_solve(CtC, torch.cat([Z, CtKC], dim=1), rcond)
+                rhs = torch.cat([Z, (Z @ M64) @ Z.mT], dim=1) if residual else Z
+                both = psd_solve(CtC, rhs, rcond)
                 B = G @ both[:, : Z.shape[1]]
-            resid = total - float(both[:, -CtKC.shape[1] :].diagonal().sum())
-            history.append(max(resid, 0.0) ** 0.5 / total**0.5)
+            if residual:
+                resid = total - float(both[:, -CtC.shape[1] :].diagonal().sum())
+                history.append(max(resid, 0.0) ** 0.5 / total**0.5)
         if last is not None:
             left, G = last
             C = left.mT if wide else W64 @ left.mT  # C = W M B^T of the last A-step
