@@ -218,6 +218,8 @@ def test_torch_dtype_passes_through_to_from_pretrained(tiny_dirs):
     layers = [m for m in adapter.model.modules() if isinstance(m, LowRankLinear)]
     assert layers and all(m.A.dtype == torch.bfloat16 and m.B.dtype == torch.bfloat16 for m in layers)
     assert adapter.model.get_input_embeddings().weight.dtype == torch.bfloat16
+    auto = HFCausalLMAdapter.load(f"hf:{dirs['llama']}", torch_dtype="auto")  # the checkpoint's own dtype
+    assert auto.model.get_input_embeddings().weight.dtype == torch.float32
     with pytest.raises(ConfigError, match="torch_dtype"):
         vlmpress.compress_model(TINY_OPEN_CLIP_SPEC, eps=0.5, torch_dtype="float16", calib_images=str(text.parent))
     with pytest.raises(ConfigError, match="torch_dtype must be"):

@@ -53,16 +53,10 @@ def compress_model(
         adapter_cls = adapter_for_spec(model)
     else:
         adapter_cls = type(model)
-    load_kwargs = {}
-    if cfg.torch_dtype or cfg.device_map:
-        if not hasattr(adapter_cls, "decoder_blocks"):
-            raise ConfigError("torch_dtype / device_map apply to Hugging Face causal LMs (hf:...), not to this model")
-        import torch
-
-        if cfg.torch_dtype:
-            load_kwargs["torch_dtype"] = cfg.torch_dtype if cfg.torch_dtype == "auto" else getattr(torch, cfg.torch_dtype)
-        if cfg.device_map:
-            load_kwargs["device_map"] = cfg.device_map
+    # the adapter resolves dtype names ("bfloat16", "auto") itself
+    load_kwargs = {k: v for k, v in (("torch_dtype", cfg.torch_dtype), ("device_map", cfg.device_map)) if v}
+    if load_kwargs and not hasattr(adapter_cls, "decoder_blocks"):
+        raise ConfigError("torch_dtype / device_map apply to Hugging Face causal LMs (hf:...), not to this model")
     device = resolve_device(cfg.device)
     if calibration is None:
         calibration = load_calibration(adapter_cls, cfg)  # before loading: bad data fails fast

@@ -63,6 +63,11 @@ def _layer_bias(module: torch.nn.Module) -> torch.Tensor | None:
     return getattr(module, "bias", None)
 
 
+def layer_plan(layer: TargetLayer) -> LayerPlan:
+    """What rank planning needs to know about a target layer (spectrum filled in later)."""
+    return LayerPlan(layer.name, layer.group, layer.kind, *layer.weight_matrix.shape, _layer_bias(layer.module) is not None)
+
+
 def select_layers(adapter: ModelAdapter, config: CompressionConfig) -> list[TargetLayer]:
     adapter.prepare_for_compression()
     candidates = adapter.target_layers()
@@ -236,12 +241,7 @@ def compress(
     layers = select_layers(adapter, config)
     whole_before = count_parameters(adapter.model)
 
-    plans = [
-        LayerPlan(
-            layer.name, layer.group, layer.kind, *layer.weight_matrix.shape, _layer_bias(layer.module) is not None
-        )
-        for layer in layers
-    ]
+    plans = [layer_plan(layer) for layer in layers]
     keep_vectors = config.solver in ("svd", "als")
     t0 = time.perf_counter()
     if spectra_cache is not None and spectra_cache:

@@ -40,13 +40,14 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from vlmpress.adapters.base import ModelAdapter, TargetLayer
-from vlmpress.allocation import LayerPlan, reduction_of, tolerance_key
+from vlmpress.allocation import reduction_of, tolerance_key
 from vlmpress.compress import (
     SVD_CACHE_BYTES,
     count_parameters,
     dense_layer_report,
     factorise_layer,
     finish_report,
+    layer_plan,
     plan_ranks,
     resolve_device,
     select_layers,
@@ -360,12 +361,7 @@ def compress_sequential(
     blocks = adapter.decoder_blocks()  # type: ignore[attr-defined]
     by_block = _group_by_block(layers, blocks)
     whole_before = count_parameters(adapter.model)
-    plans = {
-        layer.name: LayerPlan(
-            layer.name, layer.group, layer.kind, *layer.weight_matrix.shape, getattr(layer.module, "bias", None) is not None
-        )
-        for layer in layers
-    }
+    plans = {layer.name: layer_plan(layer) for layer in layers}
 
     # 1. spectra of every target and a global rank plan (data-agnostic)
     t0 = time.perf_counter()

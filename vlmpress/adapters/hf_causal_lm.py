@@ -87,14 +87,15 @@ def _max_positions(config: Any) -> int | None:
     return None
 
 
-def _resolve_dtype(dtype: Any) -> torch.dtype | None:
-    if dtype is None or isinstance(dtype, torch.dtype):
+def _resolve_dtype(dtype: Any) -> torch.dtype | str | None:
+    """A torch dtype from a dtype or its name; ``"auto"`` (the checkpoint's own dtype) passes through."""
+    if dtype is None or isinstance(dtype, torch.dtype) or dtype == "auto":
         return dtype
     if isinstance(dtype, str):
         value = getattr(torch, dtype.removeprefix("torch."), None)
         if isinstance(value, torch.dtype):
             return value
-    raise ConfigError(f"unknown torch_dtype {dtype!r}; use float32, float16 or bfloat16")
+    raise ConfigError(f"unknown torch_dtype {dtype!r}; use float32, float16, bfloat16 or auto")
 
 
 def _other_adapter_accepts(spec: str, family: str) -> bool:
@@ -323,17 +324,16 @@ class HFCausalLMAdapter(ModelAdapter):
 
     # ------------------------------------------------------------------ export
     def _dense_module(self, name: str, module: LowRankLinear) -> nn.Module:
-        W = (module.A @ module.B).detach()
-        bias = module.bias.detach().clone() if module.bias is not None else None
         if name in self._conv1d_layers:
             from transformers.pytorch_utils import Conv1D
 
+            W = (module.A @ module.B).detach()
+            bias = module.bias.detach().clone() if module.bias is not None else None
             layer = Conv1D(module.out_features, module.in_features).to(device=W.device, dtype=W.dtype)
             layer.weight = nn.Parameter(W.T.contiguous())
             layer.bias = nn.Parameter(bias if bias is not None else torch.zeros_like(layer.bias))
             return layer
-        layer = module.to_dense()
-        return layer
+        return module.to_dense()
 
     def export_dense(self, out_dir: str | Path) -> None:
         """Merge every LowRankLinear (GPT-2: back into Conv1D layout), ``save_pretrained``, restore.

@@ -25,9 +25,11 @@ def _lm_records(paths: list[str]) -> list[dict]:
     """LLM result lines (``kind`` perplexity / lm_eval) of the given files; others are left to Table 2."""
     import json
 
+    from vlmpress.evaluation.results import RESULTS_JSONL
+
     out = []
     for p in map(Path, paths):
-        p = p / "results.jsonl" if p.is_dir() else p
+        p = p / RESULTS_JSONL if p.is_dir() else p
         if not p.is_file():
             continue
         lines = [p.read_text(encoding="utf-8")] if p.suffix == ".json" else p.read_text(encoding="utf-8").splitlines()

@@ -185,8 +185,9 @@ def caltech_folders(root: Path) -> list[str]:
 
 
 def _caltech_list(root: Path, split: str) -> list[str]:
-    lines = [ln.strip() for ln in (root / f"{split}.txt").read_text().splitlines()]
-    return [ln for ln in lines if ln and not ln.startswith(CALTECH_BACKGROUND + "/")]
+    from vlmpress.data.splits import read_split_file
+
+    return [ln for ln in read_split_file(root / f"{split}.txt") if not ln.startswith(CALTECH_BACKGROUND + "/")]
 
 
 def _caltech_images(split: str, data_root: str | os.PathLike | None) -> ReferenceImages:
