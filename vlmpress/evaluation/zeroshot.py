@@ -149,20 +149,9 @@ class PreprocessedImages:
 
     def save(self, path: str | Path) -> Path:
         """Atomic ``torch.save`` (temp file + rename), so a killed run never leaves a half cache."""
-        import os
-        import tempfile
+        from vlmpress.io import atomic_write
 
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(fd)
-        try:
-            torch.save({"format": 1, **self.__dict__}, tmp)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return path
+        return atomic_write(path, lambda tmp: torch.save({"format": 1, **self.__dict__}, tmp))
 
     @classmethod
     def load(cls, path: str | Path, *, mmap: bool = True) -> "PreprocessedImages":

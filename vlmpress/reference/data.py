@@ -25,6 +25,7 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from vlmpress.errors import ConfigError, DatasetError
+from vlmpress.io import atomic_write
 from vlmpress.resources import cache_dir, project_root
 
 logger = logging.getLogger(__name__)
@@ -359,8 +360,5 @@ def load_tensor_split(
             logger.warning("ignoring unreadable image cache %s (%s)", path, err)
     logger.info("decoding %d %s/%s images at %d px (once; cached in %s)", len(indices), name, split, size, path)
     split_data = _decode(images, indices, size, desc, progress)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    torch.save({"images": split_data.images, "labels": split_data.labels}, tmp)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: torch.save({"images": split_data.images, "labels": split_data.labels}, tmp))
     return split_data

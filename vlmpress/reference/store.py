@@ -21,6 +21,7 @@ from vlmpress.errors import CheckpointError
 from vlmpress.reference.config import get_config, register_model_configs
 from vlmpress.reference.data import data_id, dataset_text
 from vlmpress.reference import train as _training
+from vlmpress.io import atomic_write
 from vlmpress.resources import cache_dir
 
 logger = logging.getLogger(__name__)
@@ -51,20 +52,6 @@ class ReferenceModel:
         return model, preprocess, open_clip.get_tokenizer(self.model_name)
 
 
-def _atomic_write_bytes(path: Path, writer) -> None:
-    """``writer(tmp)`` then ``os.replace``: readers never see a half-written file."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        writer(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # some writers create 0600 temp files; cached models are shareable
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def save_reference(result: _training.TrainResult, directory: str | os.PathLike) -> ReferenceModel:
     """Write weights then sidecar (each temp file + ``os.replace``); the sidecar marks completion."""
     from safetensors.torch import save_file
@@ -73,8 +60,8 @@ def save_reference(result: _training.TrainResult, directory: str | os.PathLike) 
     directory.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in result.model.state_dict().items()}
     metadata = dict(result.metadata, checkpoint=WEIGHTS)
-    _atomic_write_bytes(directory / WEIGHTS, lambda p: save_file(state, str(p), metadata={"format": "pt"}))
-    _atomic_write_bytes(directory / SIDECAR, lambda p: p.write_text(json.dumps(metadata, indent=2) + "\n"))
+    atomic_write(directory / WEIGHTS, lambda p: save_file(state, str(p), metadata={"format": "pt"}))
+    atomic_write(directory / SIDECAR, lambda p: p.write_text(json.dumps(metadata, indent=2) + "\n"))
     logger.info("saved reference '%s' to %s", result.config.name, directory)
     return load_reference(directory)
 
