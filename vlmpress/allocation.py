@@ -44,14 +44,21 @@ class LayerPlan:
         return lowrank_params(self.out_features, self.in_features, rank, self.bias)
 
 
+#: tolerance key -> the CLI flag that sets it (for error messages)
+TOLERANCE_FLAGS = {"*": "--eps", "vision": "--eps-v", "text": "--eps-t", "attn": "--eps-attn", "mlp": "--eps-mlp"}
+
+
 def tolerance_key(layer: LayerPlan, tolerances: dict[str, float]) -> str:
     """Which tolerance applies to a layer: ``group.kind`` > ``group`` > ``kind`` > ``*``."""
     for key in (f"{layer.group}.{layer.kind}", layer.group, layer.kind, "*"):
         if key in tolerances:
             return key
+    given = ", ".join(TOLERANCE_FLAGS.get(k, k) for k in tolerances) or "none"
+    covering = [TOLERANCE_FLAGS[k] for k in (layer.group, layer.kind) if k in TOLERANCE_FLAGS]
+    fix = f"add {' or '.join(covering)}, or pass --eps for all layers" if covering else "pass --eps for all layers"
     raise ConfigError(
         f"no tolerance applies to layer '{layer.name}' (group '{layer.group}', kind '{layer.kind}'); "
-        f"given: {', '.join(tolerances) or 'none'}. Pass --eps for all layers, or one per group (--eps-v/--eps-t)."
+        f"given: {given}. Every targeted layer needs one: {fix}"
     )
 
 
@@ -119,7 +126,9 @@ def tolerances_for_target(
     def tolerances(s: float) -> dict[str, float]:
         return {k: min(1.0, s * w) for k, w in weights.items()}
 
-    s, achieved = _bisect(lambda s: reduction_of(layers, ranks_from_tolerances(layers, tolerances(s), multiple)), target, 0.0, s_max)
+    reduction = lambda s: reduction_of(layers, ranks_from_tolerances(layers, tolerances(s), multiple))  # noqa: E731
+    check_reachable(target, reduction(0.0), reduction(s_max), "tolerance")
+    s, achieved = _bisect(reduction, target, 0.0, s_max)
     _warn_if_off(target, achieved, "tolerance")
     return tolerances(s), achieved
 
@@ -134,6 +143,8 @@ def ranks_for_target_ratio(layers: list[LayerPlan], target: float, multiple: int
     multiple below and steps are of ``multiple``.
     """
     step = max(1, multiple)
+    smallest = {l.name: align_rank(1, step, _max_rank(l), up=True) for l in layers}
+    check_reachable(target, 0.0, reduction_of(layers, smallest), "ratio")
     real = {l.name: (1 - target) * l.out_features * l.in_features / (l.out_features + l.in_features) for l in layers}
     ranks = {l.name: align_rank(int(real[l.name]), step, _max_rank(l), up=False) for l in layers}
     current = reduction_of(layers, ranks)
@@ -149,6 +160,16 @@ def ranks_for_target_ratio(layers: list[LayerPlan], target: float, multiple: int
             ranks[layer.name] = old
     _warn_if_off(target, current, "ratio")
     return ranks, current
+
+
+def check_reachable(target: float, lowest: float, highest: float, what: str) -> None:
+    """Refuse a target reduction outside what any rank choice of these layers can reach."""
+    if target > highest + TARGET_TOLERANCE or target < lowest - TARGET_TOLERANCE:
+        raise ConfigError(
+            f"target reduction {100 * target:.1f}% is not reachable by a {what} search on these layers: "
+            f"reachable range is {100 * lowest:.1f}%-{100 * highest:.1f}% of the targeted parameters "
+            "(choose a target in that range, or target more layers)"
+        )
 
 
 def _warn_if_off(target: float, achieved: float, what: str) -> None:

@@ -55,6 +55,11 @@ def _configure_logging(verbose: int, quiet: bool) -> None:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
 
 
+def _one_line(err: BaseException) -> str:
+    """An error message on one line (multi-line library messages joined)."""
+    return " ".join(part.strip() for part in str(err).splitlines() if part.strip()) or type(err).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -65,7 +70,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args._run(args) or 0)
     except VlmpressError as err:
-        print(f"vlmpress {args.command}: error: {err}", file=sys.stderr)
+        print(f"vlmpress {args.command}: error: {_one_line(err)}", file=sys.stderr)
+        return 2
+    except OSError as err:  # unreadable/unwritable user paths, full disks: the environment, not a bug
+        logging.getLogger(__name__).debug("OS error", exc_info=True)
+        where = f" ({err.filename})" if getattr(err, "filename", None) and str(err.filename) not in str(err) else ""
+        print(f"vlmpress {args.command}: error: {_one_line(err)}{where}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # pragma: no cover
         print("interrupted", file=sys.stderr)

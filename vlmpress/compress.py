@@ -27,7 +27,7 @@ from vlmpress.allocation import (
     tolerance_key,
     tolerances_for_target,
 )
-from vlmpress.config import CompressionConfig
+from vlmpress.config import CompressionConfig, parse_device
 from vlmpress.core.covariance import CovarianceCollector
 from vlmpress.core.lowrank import LowRankLinear
 from vlmpress.core.rank import break_even_rank, saves_parameters
@@ -41,12 +41,8 @@ SVD_CACHE_BYTES = 4 * 2**30  # keep full SVDs from rank planning for the solvers
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device 'cuda' requested but no CUDA device is available; use --device cpu or auto")
-    return device
+    """``auto``/None -> CUDA when present, else CPU; anything else validated (see :func:`parse_device`)."""
+    return parse_device(device)
 
 
 def count_parameters(module: torch.nn.Module) -> int:
@@ -68,8 +64,26 @@ def layer_plan(layer: TargetLayer) -> LayerPlan:
     return LayerPlan(layer.name, layer.group, layer.kind, *layer.weight_matrix.shape, _layer_bias(layer.module) is not None)
 
 
+def check_finite_weights(model: torch.nn.Module) -> None:
+    """Refuse a model holding NaN/inf weights before any calibration, naming the first such tensor.
+
+    A non-finite weight anywhere (not only in a target layer) poisons every activation behind it.
+    Buffers are not checked (attention masks hold -inf by design); offloaded tensors (on the
+    ``meta`` device) are covered by the finite-factor check when their block is compressed.
+    """
+    for name, tensor in model.named_parameters():
+        if tensor.is_floating_point() and tensor.device.type != "meta" and not torch.isfinite(tensor).all():
+            bad = int((~torch.isfinite(tensor)).sum())
+            layer = name.rsplit(".", 1)[0] if "." in name else name
+            raise ConfigError(
+                f"layer '{layer}' holds {bad} NaN/inf value(s) in '{name}'; the model is corrupt "
+                "(expected finite weights: re-download or re-export it)"
+            )
+
+
 def select_layers(adapter: ModelAdapter, config: CompressionConfig) -> list[TargetLayer]:
     adapter.prepare_for_compression()
+    check_finite_weights(adapter.model)
     candidates = adapter.target_layers()
     # an adapter's default excludes (e.g. an LLM's lm_head) apply unless targets are named explicitly
     exclude = list(config.exclude) + ([] if config.targets else list(getattr(adapter, "default_exclude", ())))

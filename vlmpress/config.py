@@ -7,13 +7,17 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from vlmpress.errors import ConfigError
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
 
 #: method -> (solver, rank rule). PGSVD = tolerance ranks + ALS; SVD-ALS = uniform ratio + ALS.
 METHODS: dict[str, tuple[str, str]] = {
@@ -28,6 +32,51 @@ ALLOCATIONS = ("shared", "proportion", "auto")
 
 #: display names used in reports
 METHOD_LABELS = {"svd": "SVD", "svd_llm": "SVD-LLM", "svd_als": "SVD-ALS", "pgsvd": "PGSVD", "base": "Base"}
+
+
+DEVICE_TYPES = ("cpu", "cuda", "mps", "xpu")
+
+
+def parse_device(device: Any) -> "torch.device":
+    """A user's device string -> ``torch.device``; ``auto``/None = CUDA when present, else CPU.
+
+    Refuses unknown types ('tpu', ''), indices of absent GPUs and CUDA on a machine without it,
+    with one line naming what is accepted -- before anything is loaded.
+    """
+    import torch
+
+    if device is None or (isinstance(device, str) and device.strip() == "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if isinstance(device, torch.device):
+        dev = device
+    else:
+        expected = "expected auto, cpu, cuda or cuda:N"
+        if not isinstance(device, str) or not device.strip():
+            raise ConfigError(f"device must be a non-empty string, got {device!r}; {expected}")
+        try:
+            dev = torch.device(device.strip())
+        except (RuntimeError, ValueError, TypeError):
+            raise ConfigError(f"unknown device '{device}'; {expected}") from None
+        if dev.type not in DEVICE_TYPES:
+            raise ConfigError(f"unsupported device '{device}'; {expected}")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device '{dev}' requested but no CUDA device is available; use --device cpu or auto")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ConfigError(
+                f"device '{dev}' does not exist: {torch.cuda.device_count()} CUDA device(s) present (cuda:0...)"
+            )
+    if dev.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise ConfigError(f"device '{dev}' requested but MPS is not available; use --device cpu or auto")
+    return dev
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 @dataclass
@@ -105,25 +154,53 @@ class CompressionConfig:
     def validate(self) -> "CompressionConfig":
         if self.method not in METHODS:
             raise ConfigError(f"method must be one of {', '.join(METHODS)}, got '{self.method}'")
+        if not isinstance(self.model, str):
+            raise ConfigError(f"model must be a spec string, got {self.model!r}")
         for name in ("eps", "eps_v", "eps_t", "eps_attn", "eps_mlp"):
             value = getattr(self, name)
-            if value is not None and (not isinstance(value, (int, float)) or not math.isfinite(value) or not 0 <= value <= 1):
+            if value is not None and (not _is_number(value) or not math.isfinite(value) or not 0 <= value <= 1):
                 raise ConfigError(f"{name.replace('_', '-')} must be a relative error in [0, 1], got {value}")
         for name in ("ratio", "target_reduction"):
             value = getattr(self, name)
-            if value is not None and (not isinstance(value, (int, float)) or not math.isfinite(value) or not 0 < value < 1):
+            if value is not None and (not _is_number(value) or not math.isfinite(value) or not 0 < value < 1):
                 raise ConfigError(f"{name.replace('_', '-')} must be a fraction strictly between 0 and 1, got {value}")
         if self.allocation not in ALLOCATIONS:
             raise ConfigError(f"allocation must be one of {', '.join(ALLOCATIONS)}, got '{self.allocation}'")
-        if any((not isinstance(v, (int, float))) or v <= 0 for v in self.eps_proportion.values()):
-            raise ConfigError(f"eps_proportion values must be positive numbers, got {self.eps_proportion}")
+        if not isinstance(self.eps_proportion, dict) or not self.eps_proportion or any(
+            not isinstance(k, str) or not _is_number(v) or not math.isfinite(v) or v <= 0
+            for k, v in self.eps_proportion.items()
+        ):
+            raise ConfigError(
+                f"eps-proportion must map group names to finite positive numbers (e.g. vision=1.3,text=0.7), "
+                f"got {self.eps_proportion}"
+            )
+        for name in ("als_iters", "rank_multiple", "n_images", "n_captions", "n_samples", "seq_len", "batch_size",
+                     "num_workers", "seed"):
+            if not _is_int(getattr(self, name)):
+                raise ConfigError(f"{name.replace('_', '-')} must be an integer, got {getattr(self, name)!r}")
         if self.als_iters < 0:
             raise ConfigError(f"als_iters must be >= 0, got {self.als_iters}")
-        if not isinstance(self.rank_multiple, int) or self.rank_multiple < 1:
+        if self.rank_multiple < 1:
             raise ConfigError(f"rank_multiple must be a positive integer (1 = exact ranks, 8/16 for GPUs), got {self.rank_multiple}")
         for name in ("n_images", "n_captions", "n_samples", "seq_len", "batch_size"):
-            if int(getattr(self, name)) < 1:
-                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.num_workers < 0:
+            raise ConfigError(f"num_workers must be >= 0, got {self.num_workers}")
+        for name in ("targets", "exclude"):
+            value = getattr(self, name)
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise ConfigError(f"{name} must be a list of regular expressions, got {value!r}")
+            for pattern in value:
+                try:
+                    re.compile(pattern)
+                except re.error as err:
+                    raise ConfigError(f"{name} pattern '{pattern}' is not a valid regular expression: {err}") from None
+        for name in ("calib_images", "calib_captions", "calib_split_file", "calib_text", "data_root", "device_map"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, str):
+                raise ConfigError(f"{name.replace('_', '-')} must be a string, got {value!r}")
+        parse_device(self.device)
         if self.accumulate_dtype not in ("float32", "float64"):
             raise ConfigError(f"accumulate_dtype must be float32 or float64, got '{self.accumulate_dtype}'")
         if self.torch_dtype not in (None, "float32", "bfloat16", "float16", "auto"):

@@ -142,30 +142,55 @@ class CompressionReport:
         return json_path, csv_path
 
     def format_table(self, max_rows: int | None = None) -> str:
-        """Human-readable per-layer table plus group and model totals."""
+        """Human-readable per-layer table plus group and model totals (:meth:`format_summary`)."""
 
         def fmt(x: float | None, spec: str = ".4f") -> str:
             return "-" if x is None else format(x, spec)
 
-        head = f"{'layer':<48} {'group':<8} {'shape':>11} {'rank':>6} {'params':>19} {'w.err':>7} {'act0':>7} {'act':>7} {'sec':>6}"
-        lines = [head, "-" * len(head)]
         rows = self.layers if max_rows is None else self.layers[:max_rows]
+        width = max([len("layer")] + [len(l.name) for l in rows])  # never cut names: they identify layers
+        gwidth = max([len("group")] + [len(l.group) for l in rows])
+        head = (
+            f"{'layer':<{width}} {'group':<{gwidth}} {'shape':>11} {'rank':>6} {'params':>19} {'w.err':>7} "
+            f"{'act0':>7} {'act':>7} {'sec':>6}"
+        )
+        lines = [head, "-" * len(head)]
         for l in rows:
             rank = str(l.rank) if l.rank is not None else "dense"
             params = f"{l.params_before}->{l.params_after}"
             lines.append(
-                f"{l.name[-48:]:<48} {l.group:<8} {l.shape:>11} {rank:>6} {params:>19} {fmt(l.weight_error):>7} "
+                f"{l.name:<{width}} {l.group:<{gwidth}} {l.shape:>11} {rank:>6} {params:>19} {fmt(l.weight_error):>7} "
                 f"{fmt(l.act_error_init):>7} {fmt(l.act_error):>7} {l.seconds:>6.2f}"
             )
         if max_rows is not None and len(self.layers) > max_rows:
             lines.append(f"... {len(self.layers) - max_rows} more layers (see the CSV report)")
         lines.append("")
-        for group, t in self.group_totals().items():
+        lines.append(self.format_summary())
+        return "\n".join(lines)
+
+    def group_tolerance_text(self, group: str) -> str:
+        """Every tolerance a group's layers used: 'eps=0.3000' or 'eps attn=0.3000, mlp=0.4500'."""
+        used: dict[str, float] = {}
+        for layer in self.layers:
+            if layer.group == group and layer.tolerance is not None:
+                used.setdefault(layer.kind, layer.tolerance)
+        values = set(used.values())
+        if not values:
             eps = self.tolerances.get(group, self.tolerances.get("*"))
-            eps_text = f", eps={eps:.4f}" if eps is not None else ""
+            return f", eps={eps:.4f}" if eps is not None else ""
+        if len(values) == 1:
+            return f", eps={values.pop():.4f}"
+        return ", eps " + ", ".join(f"{kind}={value:.4f}" for kind, value in sorted(used.items()))
+
+    def format_summary(self) -> str:
+        """Group and model totals (what ``vlmpress compress -q`` prints)."""
+        lines = []
+        gwidth = max([8] + [len(g) for g in self.group_totals()])
+        for group, t in self.group_totals().items():
             lines.append(
-                f"group {group:<8}: {t['compressed']}/{t['layers']} layers factorised, "
-                f"params {t['params_before']:,} -> {t['params_after']:,} ({100 * t['reduction']:.1f}% removed{eps_text})"
+                f"group {group:<{gwidth}}: {t['compressed']}/{t['layers']} layers factorised, "
+                f"params {t['params_before']:,} -> {t['params_after']:,} ({100 * t['reduction']:.1f}% removed"
+                f"{self.group_tolerance_text(group)})"
             )
         lines.append(
             f"targeted layers   : {self.targeted_params_before:,} -> {self.targeted_params_after:,} params "
@@ -177,4 +202,9 @@ class CompressionReport:
         )
         if self.dense_layers:
             lines.append(f"kept dense        : {len(self.dense_layers)} layers whose rank would not save parameters")
+        skipped = (self.calibration or {}).get("skipped_images")
+        if skipped:
+            lines.append(
+                f"calibration       : {skipped} unreadable image(s) skipped (first: {self.calibration.get('first_skipped_image')})"
+            )
         return "\n".join(lines)

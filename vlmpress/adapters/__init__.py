@@ -110,10 +110,11 @@ def is_compressed_dir(spec: str) -> bool:
 
 def load_model(spec: str, *, device="cpu", **kwargs) -> ModelAdapter:
     """Load any model vlmpress knows: a spec string or a compressed checkpoint directory."""
+    verify = kwargs.pop("verify", True)  # compressed checkpoints: check file hashes
     if is_compressed_dir(spec):
         from vlmpress.checkpoint import load_compressed
 
-        return load_compressed(spec, device=device)
+        return load_compressed(spec, device=device, verify=verify)
     return adapter_for_spec(spec).load(spec, device=device, **kwargs)
 
 

@@ -90,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     check_output_dir(args.out, config.model, args.overwrite)  # cheap checks before any model loads
     adapter, report = compress_model(config.model, config)
-    print(report.format_table(max_rows=60))
+    print(report.format_summary() if getattr(args, "quiet", False) else report.format_table(max_rows=60))
     out = save_compressed(adapter, args.out, report, overwrite=args.overwrite)
     print(f"\nsaved: {out}  (report: {out / 'compression_report.json'}, {out / 'compression_report.csv'})")
     if args.export_dense:

@@ -48,14 +48,19 @@ class CalibrationSet:
     image_source: str = ""
     caption_source: str = ""
     class_names: list[str] | None = None
+    skipped_images: list[str] = field(default_factory=list)  # unreadable files left out
 
     def describe(self) -> dict[str, Any]:
-        return {
+        out = {
             "n_images": len(self.images),
             "n_captions": len(self.captions),
             "image_source": self.image_source,
             "caption_source": self.caption_source,
         }
+        if self.skipped_images:
+            out["skipped_images"] = len(self.skipped_images)
+            out["first_skipped_image"] = self.skipped_images[0]
+        return out
 
 
 class _ImageList(Dataset):
@@ -111,15 +116,64 @@ def _readable_class(name: str) -> str:
     return name.replace("_", " ").strip()
 
 
+def image_is_readable(path: str | Path) -> bool:
+    """Whether PIL can fully decode ``path`` (truncated, corrupt and non-image files are not)."""
+    try:
+        with Image.open(path) as img:
+            img.load()
+        return True
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+        return False
+
+
+def _sample_readable(items: list[tuple[Path, Any]], n: int, seed: int) -> tuple[list[tuple[Path, Any]], list[Path]]:
+    """The seeded sample of ``n`` items, each unreadable image replaced by the next readable one."""
+    chosen = _sample(items, n, seed)
+    bad = [p for p, _ in chosen if not image_is_readable(p)]
+    if not bad:
+        return chosen, []
+    bad_set = set(bad)
+    kept = [item for item in chosen if item[0] not in bad_set]
+    taken = {p for p, _ in chosen}
+    rest = [item for item in items if item[0] not in taken]
+    random.Random(seed + 1).shuffle(rest)
+    for item in rest:
+        if len(kept) >= n:
+            break
+        if image_is_readable(item[0]):
+            kept.append(item)
+        else:
+            bad.append(item[0])
+    order = {p: i for i, (p, _) in enumerate(items)}
+    return sorted(kept, key=lambda item: order[item[0]]), bad
+
+
 def load_calibration_images(
-    source: str, n: int, seed: int = 0, data_root: str | None = None, split_file: str | None = None
+    source: str, n: int, seed: int = 0, data_root: str | None = None, split_file: str | None = None,
+    skipped: list[str] | None = None,
 ) -> tuple[list[Any], list[str] | None, str]:
-    """(images, class names or None, description) from a folder or a registered dataset's train split."""
+    """(images, class names or None, description) from a folder or a registered dataset's train split.
+
+    Unreadable files in a folder are skipped with one warning (count and first file) and appended
+    to ``skipped``; a folder without any readable image is an error.
+    """
     if Path(source).expanduser().is_dir():
         paths, classes = scan_image_folder(Path(source).expanduser())
-        chosen = _sample(list(zip(paths, classes)), n, seed)
+        chosen, bad = _sample_readable(list(zip(paths, classes)), n, seed)
+        if bad:
+            logger.warning(
+                "skipped %d unreadable calibration image(s) in %s (first: %s)", len(bad), source, bad[0]
+            )
+            if skipped is not None:
+                skipped.extend(str(p) for p in bad)
+        if not chosen:
+            raise CalibrationError(
+                f"none of the {len(paths)} image files in {source} could be read (first: {bad[0]}); "
+                "expected decodable images (jpg, png, ...)"
+            )
         names = sorted({_readable_class(c) for _, c in chosen if c is not None}) or None
-        return [p for p, _ in chosen], names, f"folder {source} ({len(chosen)} of {len(paths)} images)"
+        note = f", {len(bad)} unreadable skipped" if bad else ""
+        return [p for p, _ in chosen], names, f"folder {source} ({len(chosen)} of {len(paths)} images{note})"
     try:
         from vlmpress.data import datasets as registry
     except ImportError:  # pragma: no cover - dataset registry not available
@@ -138,11 +192,25 @@ def load_calibration_images(
     )
 
 
+def read_utf8_text(path: Path, what: str) -> str:
+    """A text file's content; binary or non-UTF-8 files are refused (no silent replacement characters)."""
+    data = path.read_bytes()
+    if b"\x00" in data:
+        raise CalibrationError(f"{what} {path} is binary (holds NUL bytes); expected UTF-8 text")
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise CalibrationError(
+            f"{what} {path} is not valid UTF-8 (byte {err.start}: {data[err.start:err.start + 1]!r}); "
+            "expected UTF-8 text (convert it, e.g. iconv -f latin1 -t utf-8)"
+        ) from None
+
+
 def load_captions(path: str | Path, n: int, seed: int = 0) -> list[str]:
     path = Path(path).expanduser()
     if not path.is_file():
         raise CalibrationError(f"caption file not found: {path} (expected a text file with one caption per line)")
-    lines = [line.strip() for line in path.read_text(encoding="utf-8", errors="replace").splitlines()]
+    lines = [line.strip() for line in read_utf8_text(path, "caption file").splitlines()]
     captions = [line for line in lines if line]
     if not captions:
         raise CalibrationError(f"caption file {path} is empty (expected one caption per line)")
@@ -180,7 +248,9 @@ def build_calibration_set(
             raise CalibrationError(
                 "calibration images are required: pass --calib-images FOLDER (or a registered dataset name)"
             )
-        out.images, out.class_names, out.image_source = load_calibration_images(images, n_images, seed, data_root, split_file)
+        out.images, out.class_names, out.image_source = load_calibration_images(
+            images, n_images, seed, data_root, split_file, skipped=out.skipped_images
+        )
         if not need_images:
             out.images = []
     if need_captions:

@@ -44,12 +44,9 @@ _AMP_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 # ---------------------------------------------------------------------------------------------- device / amp
 def resolve_device(device: str | torch.device | None = None) -> torch.device:
     """``None``/``"auto"`` -> CUDA when present, else CPU; anything else as given (validated)."""
-    if device is None or str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device '{device}' requested but CUDA is not available; use --device cpu or auto")
-    return dev
+    from vlmpress.config import parse_device
+
+    return parse_device(device)
 
 
 def autocast_context(device: torch.device, precision: str = "fp32") -> contextlib.AbstractContextManager:
