@@ -58,6 +58,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache-dir", help="keep preprocessed test images here (fp16) and reuse them for every "
                    "model with the same preprocessing (suites of compressed variants)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--no-verify", action="store_true",
+                   help="skip the SHA-256 check of compressed checkpoints' files (saves reading huge files twice)")
     from vlmpress.commands.evaluate_lm import add_lm_arguments
 
     add_lm_arguments(p)  # --perplexity / --tasks route a run to the LLM evaluation
@@ -130,6 +132,13 @@ def _fmt(rec) -> str:
 HEADER = f"{'model':<40} {'dataset':<16} {'images':>6} {'top1':>6} {'±se':<6} {'top5':>6} {'mpcr':>6} {'sec':>7}  split"
 
 
+def _verify_kwargs(args: argparse.Namespace, spec: str) -> dict:
+    """``verify`` for compressed checkpoint directories only (other specs take no such option)."""
+    from vlmpress.adapters import is_compressed_dir
+
+    return {"verify": not getattr(args, "no_verify", False)} if is_compressed_dir(spec) else {}
+
+
 def run(args: argparse.Namespace) -> int:
     lm_requested = bool(getattr(args, "perplexity", None) or getattr(args, "tasks", None))
     if lm_requested and args.datasets:
@@ -173,7 +182,7 @@ def _run_zeroshot(args: argparse.Namespace) -> int:
     records = []
     print(HEADER)
     for spec in args.model:
-        adapter = load_model(spec, device=str(device))
+        adapter = load_model(spec, device=str(device), **_verify_kwargs(args, spec))
         if not isinstance(adapter, VisionLanguageAdapter):
             raise ConfigError(f"'{spec}' is not a vision-language model; zero-shot classification needs image and text towers")
         for ds in datasets:

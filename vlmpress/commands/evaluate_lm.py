@@ -156,7 +156,9 @@ def run_lm(args: argparse.Namespace) -> int:
     specs = [args.model] if isinstance(args.model, str) else list(args.model)
     records = []
     for spec in specs:
-        adapter = load_model(spec, device=resolve_device(getattr(args, "device", None)))
+        from vlmpress.commands.evaluate import _verify_kwargs
+
+        adapter = load_model(spec, device=resolve_device(getattr(args, "device", None)), **_verify_kwargs(args, spec))
         if not hasattr(adapter, "decoder_blocks"):
             raise ConfigError(f"'{spec}' is not a causal language model; perplexity and --tasks need one")
         one = evaluate_lm_model(adapter, argparse.Namespace(**{**vars(args), "model": spec}), tasks)
