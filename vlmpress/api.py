@@ -35,18 +35,26 @@ def compress_model(
     model: str | ModelAdapter,
     config: CompressionConfig | dict | str | Path | None = None,
     calibration: Any = None,
+    *,
+    state_dir: str | Path | None = None,
+    resume: bool = False,
     **overrides: Any,
 ) -> tuple[ModelAdapter, CompressionReport]:
     """Load (if given a spec), calibrate and compress a model; returns (adapter, report).
 
     ``calibration`` defaults to what the config names (``calib_images``/``calib_captions`` for
     CLIP-style models, ``calib_text`` for LLMs). Dispatches to the auto tower allocation or the
-    sequential (block-by-block) mode when the config asks for them.
+    sequential (block-by-block) mode when the config asks for them. In sequential mode,
+    ``state_dir`` persists each finished block and ``resume`` continues an interrupted run.
     """
     from vlmpress.compress import compress, load_calibration, resolve_device
 
     spec = model if isinstance(model, str) else model.spec
     cfg = resolve_config(config, model=spec, **overrides)
+    if (state_dir is not None or resume) and cfg.mode != "sequential":
+        raise ConfigError("resuming applies to --mode sequential (block-by-block) runs only")
+    if resume and state_dir is None:
+        raise ConfigError("resume=True needs the state_dir of the interrupted run")
     if isinstance(model, str):
         if is_compressed_dir(model):
             raise ConfigError(f"{model} is already a compressed checkpoint; compress the original model instead")
@@ -64,7 +72,7 @@ def compress_model(
     if cfg.mode == "sequential":
         from vlmpress.sequential import compress_sequential
 
-        report = compress_sequential(adapter, cfg, calibration)
+        report = compress_sequential(adapter, cfg, calibration, state_dir=state_dir, resume=resume)
     elif cfg.allocation == "auto" and cfg.target_reduction is not None and cfg.rank_rule == "tolerance":
         from vlmpress.auto_allocation import auto_compress
 

@@ -33,6 +33,7 @@ import logging
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -346,10 +347,15 @@ def compress_sequential(
     calibration: Any = None,
     *,
     covariance_sink: dict[str, torch.Tensor] | None = None,
+    state_dir: str | Path | None = None,
+    resume: bool = False,
 ) -> CompressionReport:
     """Compress ``adapter.model`` one decoder block at a time; same report as :func:`compress`.
 
     ``covariance_sink`` (diagnostics/tests) receives a copy of every factorised layer's covariance.
+    With ``state_dir``, every finished block (factors + report rows) is persisted there atomically;
+    ``resume=True`` reloads the finished blocks and continues with the next one, giving the same
+    result as an uninterrupted run (see :mod:`vlmpress.sequential_state`).
     """
     config.validate()
     if not hasattr(adapter, "decoder_blocks"):
@@ -362,6 +368,12 @@ def compress_sequential(
     by_block = _group_by_block(layers, blocks)
     whole_before = count_parameters(adapter.model)
     plans = {layer.name: layer_plan(layer) for layer in layers}
+    state = None
+    if state_dir is not None:
+        from vlmpress.sequential_state import SequentialState
+
+        state = SequentialState.open(state_dir, adapter.spec, config.to_dict(), len(blocks), resume=resume)
+    done = set(state.done_blocks()) if state is not None else set()
 
     # 1. spectra of every target and a global rank plan (data-agnostic)
     t0 = time.perf_counter()
@@ -409,7 +421,13 @@ def compress_sequential(
                 plan = plans[layer.name]
                 tol = used_tolerances[tolerance_key(plan, used_tolerances)] if used_tolerances else None
                 reports.append(dense_layer_report(plan, ranks[plan.name], tol, ratio))
+        if i in done:  # finished before an interruption: reload its factors, recompute its outputs
+            hidden = _resume_block(adapter, state, i, block, todo, reports, hidden, captured,
+                                   needs_data and i < last_needed, config, device, storage)
+            continue
         if not todo and (not needs_data or i >= last_needed):
+            if state is not None:
+                state.save_block(i, {}, [], {})
             continue  # nothing to do here, and no later block needs this block's outputs
         with block_on_device(block, device) as run_device:
             # target modules are looked up again: materialising an offloaded block keeps the objects,
@@ -452,6 +470,8 @@ def compress_sequential(
                     collector.release(layer.name)
             t_factor += time.perf_counter() - t0
             del collector
+            if state is not None:
+                state.save_block(i, _factor_tensors(adapter, todo), reports[-len(todo):] if todo else [], {})
             if needs_data and i < last_needed:
                 if config.propagate == "compressed" and todo:
                     t0 = time.perf_counter()
@@ -466,6 +486,47 @@ def compress_sequential(
         {"spectra": t_spectra, "calibration": t_calib, "factorisation": t_factor, "total": time.perf_counter() - t_start},
         calibration_extra={"mode": "sequential", "propagate": config.propagate},
     )
+
+
+def _factor_tensors(adapter: ModelAdapter, layers: list[TargetLayer]) -> dict[str, torch.Tensor]:
+    return {
+        f"{layer.name}.{key}": value
+        for layer in layers
+        for key, value in adapter.model.get_submodule(layer.name).state_dict().items()
+    }
+
+
+def _load_factors(adapter: ModelAdapter, layers: list[TargetLayer], tensors: dict[str, torch.Tensor]) -> None:
+    """Swap in the saved LowRankLinear of each layer (on the device/dtype its weight has now)."""
+    from vlmpress.adapters.base import replace_module, weight_matrix
+    from vlmpress.core.lowrank import LowRankLinear
+    from vlmpress.errors import CheckpointError
+
+    for layer in layers:
+        module = adapter.model.get_submodule(layer.name)
+        A, B = tensors.get(f"{layer.name}.A"), tensors.get(f"{layer.name}.B")
+        if A is None or B is None:
+            raise CheckpointError(f"saved progress lacks the factors of '{layer.name}'; delete the state directory to start over")
+        W = weight_matrix(module)
+        bias = tensors.get(f"{layer.name}.bias")
+        new = LowRankLinear(W.shape[1], W.shape[0], A.shape[1], bias=bias is not None, device=W.device, dtype=W.dtype)
+        new.load_state_dict({k[len(layer.name) + 1:]: v for k, v in tensors.items() if k.startswith(layer.name + ".")})
+        replace_module(adapter.model, layer.name, new)
+
+
+def _resume_block(adapter, state, index, block, todo, reports, hidden, captured, need_outputs, config, device, storage):
+    """Restore a block finished before an interruption; returns the next block's input (or None)."""
+    tensors, saved, _ = state.load_block(index)
+    reports.extend(saved)
+    todo = [TargetLayer(l.name, l.group, l.kind, adapter.model.get_submodule(l.name)) for l in todo]
+    with block_on_device(block, device) as run_device:
+        outputs = None
+        if need_outputs and config.propagate == "original":  # the uncompressed block's outputs feed forward
+            outputs = run_block(block, hidden, captured.args[index], captured.kwargs[index], run_device, storage=storage)
+        _load_factors(adapter, todo, tensors)
+        if need_outputs and config.propagate == "compressed":
+            outputs = run_block(block, hidden, captured.args[index], captured.kwargs[index], run_device, storage=storage)
+    return outputs
 
 
 __all__ = ["BlockInputs", "block_on_device", "capture_block_inputs", "compress_sequential", "run_block"]

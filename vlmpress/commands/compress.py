@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shutil
 from pathlib import Path
 
 from vlmpress.config import ALLOCATIONS, METHODS, CompressionConfig
@@ -66,6 +67,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     e.add_argument("--torch-dtype", choices=["float32", "bfloat16", "float16", "auto"], help="LLMs: dtype the weights are loaded in")
     e.add_argument("--device-map", help="LLMs: accelerate device_map for from_pretrained, e.g. auto (multi-GPU / offload)")
     e.add_argument("--propagate", choices=["original", "compressed"], help="sequential mode: outputs fed forward")
+    e.add_argument("--resume", action="store_true",
+                   help="sequential mode: continue an interrupted run from its last finished block (same options)")
 
 
 _FLAG_FIELDS = (
@@ -89,9 +92,19 @@ def run(args: argparse.Namespace) -> int:
 
     config = config_from_args(args)
     check_output_dir(args.out, config.model, args.overwrite)  # cheap checks before any model loads
-    adapter, report = compress_model(config.model, config)
+    resume = getattr(args, "resume", False)
+    if resume and config.mode != "sequential":
+        raise ConfigError("--resume applies to --mode sequential runs only")
+    state_dir = None
+    if config.mode == "sequential":
+        from vlmpress.sequential_state import state_dir_for
+
+        state_dir = state_dir_for(args.out)  # each finished block is kept here until the save
+    adapter, report = compress_model(config.model, config, state_dir=state_dir, resume=resume)
     print(report.format_summary() if getattr(args, "quiet", False) else report.format_table(max_rows=60))
     out = save_compressed(adapter, args.out, report, overwrite=args.overwrite)
+    if state_dir is not None:
+        shutil.rmtree(state_dir, ignore_errors=True)  # the checkpoint now holds everything
     print(f"\nsaved: {out}  (report: {out / 'compression_report.json'}, {out / 'compression_report.csv'})")
     if args.export_dense:
         dense = export_dense(adapter, args.export_dense, overwrite=args.overwrite)
