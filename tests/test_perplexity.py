@@ -206,3 +206,19 @@ def test_write_records_keeps_in_memory_variants_apart(tmp_path):
     paths = write_records(tmp_path, recs)
     assert len(set(paths)) == 4 and len(list(tmp_path.glob("*.json"))) == 4
     assert len((tmp_path / "results.jsonl").read_text().splitlines()) == 4
+
+
+def test_lm_table_never_merges_distinct_runs():
+    """Same method and level, but another mode / label / checkpoint: separate rows, named apart."""
+    from vlmpress.evaluation.lm_table import build_lm_table
+
+    def ppl(model, value, **extra):
+        return {"model": model, "method": "pgsvd", "reduction": 0.2, "dataset": "wiki", "seq_len": 64, "stride": 64,
+                "metrics": {"perplexity": value}, **extra}
+
+    records = [ppl("runs/a", 7.0, mode="whole"), ppl("runs/b", 7.5, mode="sequential", propagation="original"),
+               ppl("runs/c", 7.2, label="PGSVD 1:1.5"), ppl("runs/d", 7.3, mode="whole"),
+               ppl("runs/a", 7.05, mode="whole")]  # a re-evaluation of runs/a replaces its cell
+    md, _ = build_lm_table(records)
+    rows = [l.split("|")[2].strip() + "=" + l.split("|")[3].strip() for l in md.splitlines()[2:]]
+    assert sorted(rows) == sorted(["PGSVD [a]=7.05", "PGSVD [d]=7.30", "PGSVD (sequential, original)=7.50", "PGSVD 1:1.5=7.20"])

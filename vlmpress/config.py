@@ -108,7 +108,7 @@ class CompressionConfig:
     n_images: int = 256
     n_captions: int = 256
     n_samples: int = 256  # LLMs: number of token windows
-    seq_len: int = 2048  # LLMs: window length
+    seq_len: int | None = None  # LLMs: window length; None = min(2048, the model's maximum positions)
     batch_size: int = 32
     num_workers: int = 0
     data_root: str | None = None
@@ -176,6 +176,8 @@ class CompressionConfig:
             )
         for name in ("als_iters", "rank_multiple", "n_images", "n_captions", "n_samples", "seq_len", "batch_size",
                      "num_workers", "seed"):
+            if name == "seq_len" and self.seq_len is None:
+                continue
             if not _is_int(getattr(self, name)):
                 raise ConfigError(f"{name.replace('_', '-')} must be an integer, got {getattr(self, name)!r}")
         if self.als_iters < 0:
@@ -183,7 +185,7 @@ class CompressionConfig:
         if self.rank_multiple < 1:
             raise ConfigError(f"rank_multiple must be a positive integer (1 = exact ranks, 8/16 for GPUs), got {self.rank_multiple}")
         for name in ("n_images", "n_captions", "n_samples", "seq_len", "batch_size"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigError(f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.num_workers < 0:
             raise ConfigError(f"num_workers must be >= 0, got {self.num_workers}")

@@ -24,7 +24,7 @@ logger = logging.getLogger(__name__)
 def add_lm_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("language models")
     g.add_argument("--perplexity", metavar="FILE_OR_DATASET", help="text file, or a cached dataset such as wikitext2")
-    g.add_argument("--seq-len", type=int, default=2048, help="perplexity context length (default 2048)")
+    g.add_argument("--seq-len", type=int, help="perplexity context length (default: 2048, or the model's maximum when shorter)")
     g.add_argument("--stride", type=int, help="perplexity window stride (default: seq-len, disjoint windows)")
     g.add_argument("--max-tokens", type=int, help="truncate the perplexity text to this many tokens")
     g.add_argument("--tasks", help="comma-separated lm-eval tasks, e.g. arc_easy,piqa (needs vlmpress[llm])")
@@ -46,12 +46,16 @@ def _describe_model(adapter) -> dict[str, Any]:
     ckpt = getattr(adapter, "checkpoint_config", None)
     report = getattr(adapter, "compression_report", None)
     if not ckpt and report is not None:  # compressed in this process, not saved yet
-        ckpt = {"method": report.method, "compression": report.summary(), "model_spec": report.model}
+        ckpt = {"method": report.method, "compression": report.summary(), "model_spec": report.model, "recipe": report.config}
     if not ckpt:
-        return {"method": "base", "reduction": 0.0, "compression": None}
+        return {"method": "base", "reduction": 0.0, "compression": None, "mode": None, "propagation": None}
     summary = ckpt.get("compression") or {}
+    recipe = ckpt.get("recipe") or {}
+    mode = recipe.get("mode") or "whole"
     return {
         "method": ckpt.get("method", "unknown"),
+        "mode": mode,
+        "propagation": recipe.get("propagate") if mode == "sequential" else None,
         "reduction": summary.get("targeted_reduction"),
         "compression": {
             k: summary.get(k)
@@ -67,7 +71,7 @@ def _check_args(args: argparse.Namespace) -> list[str]:
         raise ConfigError("nothing to evaluate: pass --perplexity FILE_OR_DATASET and/or --tasks a,b")
     if args.seq_len is not None and args.seq_len < 2:
         raise ConfigError(f"--seq-len must be >= 2, got {args.seq_len}")
-    if args.stride is not None and not 1 <= args.stride <= args.seq_len:
+    if args.stride is not None and args.seq_len is not None and not 1 <= args.stride <= args.seq_len:
         raise ConfigError(f"--stride must be in [1, seq-len={args.seq_len}], got {args.stride}")
     if tasks:
         from vlmpress.evaluation.lm_tasks import _import_lm_eval
@@ -84,14 +88,15 @@ def evaluate_lm_model(adapter, args: argparse.Namespace, tasks: list[str]) -> li
     device = resolve_device(getattr(args, "device", None))
     if not getattr(adapter.model, "hf_device_map", None):
         adapter.model.to(device)
-    base = {"model": args.model, **_describe_model(adapter), "versions": library_versions()}
+    base = {"model": args.model, "label": getattr(args, "label", None), **_describe_model(adapter), "versions": library_versions()}
     records = []
     if getattr(args, "perplexity", None):
         from vlmpress.evaluation.perplexity import evaluate_perplexity
 
         t0 = time.perf_counter()
         res = evaluate_perplexity(
-            adapter, args.perplexity, args.seq_len, args.stride, max_tokens=getattr(args, "max_tokens", None)
+            adapter, args.perplexity, args.seq_len, args.stride, max_tokens=getattr(args, "max_tokens", None),
+            show_progress=not getattr(args, "no_progress", False),
         )
         records.append(
             {
@@ -137,7 +142,10 @@ def write_records(out_dir: str | Path, records: list[dict[str, Any]]) -> list[Pa
     paths = []
     for rec in records:
         # in-memory variants of one base model share its spec: method and reduction keep their files apart
-        key = f"{rec['model']}|{rec['method']}|{rec['reduction']}|{rec['kind']}|{rec['dataset']}|{rec['seq_len']}|{rec['stride']}"
+        key = (
+            f"{rec['model']}|{rec['method']}|{rec['reduction']}|{rec['kind']}|{rec['dataset']}|{rec['seq_len']}|{rec['stride']}"
+            f"|{rec.get('label')}|{rec.get('mode')}|{rec.get('propagation')}"
+        )
         level = f"{rec['method']}" + (f"-{round(100 * rec['reduction'])}" if rec.get("reduction") else "")
         stem = f"{Path(str(rec['model'])).name or 'model'}-{level}-{rec['kind']}-{hashlib.sha1(key.encode()).hexdigest()[:8]}"
         paths.append(atomic_write_json(out / f"{stem}.json", rec))

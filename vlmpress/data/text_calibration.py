@@ -25,6 +25,8 @@ from vlmpress.errors import CalibrationError, ConfigError, DatasetError
 
 logger = logging.getLogger(__name__)
 
+DEFAULT_SEQ_LEN = 2048  # calibration / perplexity context when the model allows it
+
 #: short names -> (datasets path, config name, text column)
 DATASET_ALIASES: dict[str, tuple[str, str | None, str]] = {
     "wikitext2": ("wikitext", "wikitext-2-raw-v1", "text"),
@@ -188,12 +190,14 @@ def build_token_calibration(
     tokenizer,
     *,
     n_samples: int,
-    seq_len: int,
+    seq_len: int | None,
     seed: int = 0,
     split: str = "train",
     max_positions: int | None = None,
 ) -> TokenCalibration:
-    """Read, tokenise and window a text source for calibration."""
+    """Read, tokenise and window a text source for calibration (``seq_len`` None: min(2048, model maximum))."""
+    if seq_len is None:
+        seq_len = min(DEFAULT_SEQ_LEN, max_positions or DEFAULT_SEQ_LEN)
     if max_positions is not None and seq_len > max_positions:
         raise ConfigError(
             f"seq_len {seq_len} is larger than the model's maximum of {max_positions} positions; "

@@ -30,6 +30,17 @@ def _level(record: dict[str, Any]) -> int:
     return 0 if record.get("method", "base") == "base" else int(round(100 * float(record.get("reduction") or 0.0)))
 
 
+def _row_label(record: dict[str, Any]) -> str:
+    """The row's name: ``--label`` when given, else the method plus a non-default mode/propagation."""
+    if record.get("label"):
+        return str(record["label"])
+    method = record.get("method") or "base"
+    name = METHOD_LABELS.get(method, method)
+    if record.get("mode") == "sequential":
+        name += f" (sequential, {record.get('propagation') or 'compressed'})"
+    return name
+
+
 def build_lm_table(records: Iterable[dict[str, Any]]) -> tuple[str, str]:
     """(markdown, csv) of the records; later records win when a cell is given twice."""
     from vlmpress.evaluation.lm_tasks import task_accuracy
@@ -39,8 +50,11 @@ def build_lm_table(records: Iterable[dict[str, Any]]) -> tuple[str, str]:
     task_cols: list[str] = []
     for rec in records:
         method = rec.get("method") or "base"
-        key = (_level(rec), method)
-        row = rows.setdefault(key, {"reduction": rec.get("reduction") or 0.0, "cells": {}, "tasks": {}})
+        # distinct runs (another label, mode, propagation or checkpoint) never share a row;
+        # a re-evaluation of the same checkpoint replaces its earlier cells
+        key = (_level(rec), method, rec.get("label") or "", rec.get("mode") or "", rec.get("propagation") or "",
+               "" if method == "base" else str(rec.get("model", "")))
+        row = rows.setdefault(key, {"reduction": rec.get("reduction") or 0.0, "cells": {}, "tasks": {}, "record": rec})
         metrics = rec.get("metrics") or {}
         if "perplexity" in metrics:
             col = _ppl_column(rec)
@@ -57,12 +71,18 @@ def build_lm_table(records: Iterable[dict[str, Any]]) -> tuple[str, str]:
     header = ["Reduction", "Method", *ppl_cols, *task_cols] + (["Avg"] if task_cols else [])
 
     def order(item):
-        (level, method), _ = item
-        return (level, METHOD_ORDER.index(method) if method in METHOD_ORDER else len(METHOD_ORDER), method)
+        (level, method, *rest), _ = item
+        return (level, METHOD_ORDER.index(method) if method in METHOD_ORDER else len(METHOD_ORDER), method, *rest)
 
+    labels = {key: _row_label(row["record"]) for key, row in rows.items()}
+    per_level = [(key[0], name) for key, name in labels.items()]
+    clashes = {item for item in per_level if per_level.count(item) > 1}
     table: list[list[str]] = []
-    for (level, method), row in sorted(rows.items(), key=order):
-        label = METHOD_LABELS.get(method, method)
+    for key, row in sorted(rows.items(), key=order):
+        level, method = key[0], key[1]
+        label = labels[key]
+        if (level, label) in clashes and method != "base":  # same description, different checkpoints: name them
+            label += f" [{Path(str(row['record'].get('model', ''))).name}]"
         cells = ["-" if method == "base" else f"{100 * row['reduction']:.1f}%", label]
         cells += [f"{row['cells'][c]:.2f}" if c in row["cells"] else "" for c in ppl_cols]
         accs = [row["tasks"].get(t) for t in task_cols]

@@ -63,12 +63,13 @@ def token_nll(model: torch.nn.Module, ids: torch.Tensor, seq_len: int, stride: i
 def evaluate_perplexity(
     adapter,
     source: str,
-    seq_len: int = 2048,
+    seq_len: int | None = None,
     stride: int | None = None,
     *,
     split: str = "test",
     max_tokens: int | None = None,
     device: str | torch.device | None = None,
+    show_progress: bool = True,
 ) -> dict[str, Any]:
     """Perplexity of ``adapter.model`` on a text file or a cached dataset split (default: test).
 
@@ -77,8 +78,12 @@ def evaluate_perplexity(
     """
     from vlmpress.data.text_calibration import read_text_source, tokenize_text
 
-    stride = seq_len if stride is None else stride
     max_pos = getattr(adapter, "max_positions", None)
+    if seq_len is None:  # the usual 2048, or the model's whole context when it is shorter
+        seq_len = min(2048, max_pos or 2048)
+    stride = seq_len if stride is None else stride
+    if not 1 <= stride <= seq_len:
+        raise ConfigError(f"stride must be in [1, seq-len={seq_len}], got {stride}")
     if max_pos is not None and seq_len > max_pos:
         raise ConfigError(
             f"seq_len {seq_len} is larger than the model's maximum of {max_pos} positions; pass --seq-len {max_pos} or less"
@@ -95,7 +100,7 @@ def evaluate_perplexity(
     was_training = model.training
     model.eval()
     try:
-        nll_sum, n = token_nll(model, ids, seq_len, stride, device=device)
+        nll_sum, n = token_nll(model, ids, seq_len, stride, device=device, progress=show_progress)
     finally:
         model.train(was_training)
     if n == 0:

@@ -1,0 +1,32 @@
+"""LLM runs: default context capped at the model's positions; results carry label, mode, propagation."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from vlmpress.cli import main
+from vlmpress.lm_reference import TINY_TEXT, save_tiny_causal_lm
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_default_seq_len_capped_and_results_carry_run_identity(tmp_path, capsys):
+    model = save_tiny_causal_lm(tmp_path / "llama", "llama", seed=1, layers=2, max_positions=48)
+    text = tmp_path / "t.txt"
+    text.write_text(TINY_TEXT)
+    out = tmp_path / "ck"
+    # no --seq-len: 2048 would exceed the model's 48 positions, so the default is 48
+    assert main(["compress", "--model", f"hf:{model}", "--calib-text", str(text), "--out", str(out), "--mode", "sequential",
+                 "--propagate", "original", "--eps", "0.5", "--als-iters", "1", "--n-samples", "2", "--device", "cpu", "-q"]) == 0
+    calib = json.loads((out / "compression_report.json").read_text())["summary"]["calibration"]
+    assert calib["seq_len"] == 48
+    res = tmp_path / "res"
+    assert main(["eval", "--model", str(out), "--perplexity", str(text), "--out", str(res), "--label", "seq-orig",
+                 "--no-progress", "--device", "cpu"]) == 0
+    captured = capsys.readouterr()
+    assert "perplexity:" not in captured.err  # --no-progress silences the perplexity bar
+    rec = json.loads((res / "results.jsonl").read_text().splitlines()[0])
+    assert rec["seq_len"] == 48 and rec["label"] == "seq-orig"
+    assert rec["mode"] == "sequential" and rec["propagation"] == "original"
