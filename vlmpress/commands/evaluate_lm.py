@@ -28,6 +28,7 @@ def add_lm_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--stride", type=int, help="perplexity window stride (default: seq-len, disjoint windows)")
     g.add_argument("--max-tokens", type=int, help="truncate the perplexity text to this many tokens")
     g.add_argument("--tasks", help="comma-separated lm-eval tasks, e.g. arc_easy,piqa (needs vlmpress[llm])")
+    g.add_argument("--task-include", metavar="DIR", help="folder of extra lm-eval task YAMLs (e.g. tasks over local files)")
     g.add_argument("--num-fewshot", type=int, help="lm-eval few-shot examples (default: task default)")
     g.add_argument("--task-limit", type=float, help="lm-eval: examples per task (>= 1) or fraction (< 1), for debugging")
 
@@ -118,6 +119,7 @@ def evaluate_lm_model(adapter, args: argparse.Namespace, tasks: list[str]) -> li
         res = evaluate_lm_tasks(
             adapter, tasks, batch_size=getattr(args, "batch_size", 1) or 1,
             num_fewshot=getattr(args, "num_fewshot", None), limit=int(limit) if limit and limit >= 1 else limit,
+            include_path=getattr(args, "task_include", None),
         )
         records.append(
             {

@@ -63,8 +63,12 @@ def evaluate_lm_tasks(
     num_fewshot: int | None = None,
     limit: int | float | None = None,
     device: str | None = None,
+    include_path: str | None = None,
 ) -> dict[str, Any]:
-    """Run ``lm_eval.simple_evaluate`` on the in-memory model; returns per-task metrics + raw config."""
+    """Run ``lm_eval.simple_evaluate`` on the in-memory model; returns per-task metrics + raw config.
+
+    ``include_path`` is a folder of extra lm-eval task YAMLs (e.g. a task over local files).
+    """
     if not tasks:
         raise VlmpressError("no lm-eval tasks given (e.g. --tasks arc_easy,piqa)")
     lm_eval, HFLM = _import_lm_eval()
@@ -74,7 +78,19 @@ def evaluate_lm_tasks(
     if device is not None:
         kwargs["device"] = str(device)
     lm = HFLM(**kwargs)
-    results = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), num_fewshot=num_fewshot, limit=limit)
+    extra: dict[str, Any] = {}
+    if include_path is not None:
+        from pathlib import Path
+
+        from lm_eval.tasks import TaskManager
+
+        if not Path(include_path).is_dir():
+            raise VlmpressError(f"--task-include {include_path} is not a directory (expected a folder of lm-eval task YAMLs)")
+        extra["task_manager"] = TaskManager(include_path=str(include_path))
+    try:
+        results = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), num_fewshot=num_fewshot, limit=limit, **extra)
+    except KeyError as err:  # lm-eval's way of saying "no such task"
+        raise VlmpressError(f"lm-eval does not know task {err}; check --tasks (and --task-include for local tasks)") from None
     metrics = parse_task_results(results or {})
     missing = [t for t in tasks if t not in metrics]
     if missing:
