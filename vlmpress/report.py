@@ -30,6 +30,7 @@ class LayerReport:
     act_error: float | None = None  # activation error of the returned factors
     tokens: int | None = None  # calibration tokens seen by the layer
     seconds: float = 0.0
+    als_iters: int | None = None  # ALS rounds run (None: not an ALS solve)
 
     @property
     def shape(self) -> str:
@@ -147,7 +148,7 @@ class CompressionReport:
         def fmt(x: float | None, spec: str = ".4f") -> str:
             return "-" if x is None else format(x, spec)
 
-        head = f"{'layer':<48} {'group':<8} {'shape':>11} {'rank':>6} {'params':>19} {'w.err':>7} {'act0':>7} {'act':>7} {'sec':>6}"
+        head = f"{'layer':<48} {'group':<8} {'shape':>11} {'rank':>6} {'params':>19} {'w.err':>7} {'act0':>7} {'act':>7} {'iters':>5} {'sec':>6}"
         lines = [head, "-" * len(head)]
         rows = self.layers if max_rows is None else self.layers[:max_rows]
         for l in rows:
@@ -155,7 +156,7 @@ class CompressionReport:
             params = f"{l.params_before}->{l.params_after}"
             lines.append(
                 f"{l.name[-48:]:<48} {l.group:<8} {l.shape:>11} {rank:>6} {params:>19} {fmt(l.weight_error):>7} "
-                f"{fmt(l.act_error_init):>7} {fmt(l.act_error):>7} {l.seconds:>6.2f}"
+                f"{fmt(l.act_error_init):>7} {fmt(l.act_error):>7} {fmt(l.als_iters, 'd'):>5} {l.seconds:>6.2f}"
             )
         if max_rows is not None and len(self.layers) > max_rows:
             lines.append(f"... {len(self.layers) - max_rows} more layers (see the CSV report)")
