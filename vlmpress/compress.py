@@ -167,7 +167,10 @@ def factorise_layer(
     """Factorise one layer with the config's solver and swap in a LowRankLinear (shared by all modes)."""
     W = layer.weight_matrix.detach()
     t_layer = time.perf_counter()
-    result = factorize(config.solver, W, rank, M, device=device, iters=config.als_iters, svd=svd)
+    result = factorize(
+        config.solver, W, rank, M, device=device, iters=config.als_iters, tol=config.als_tol,
+        max_iters=config.als_max_iters, svd=svd,
+    )
     bias = _layer_bias(layer.module)
     new = LowRankLinear.from_factors(result.A, result.B, bias, dtype=W.dtype, device=W.device)
     if not all(torch.isfinite(p).all() for p in new.parameters()):
@@ -178,6 +181,7 @@ def factorise_layer(
         plan.name, plan.group, plan.kind, plan.out_features, plan.in_features, rank, "compressed",
         plan.dense_params, new.num_parameters(), tol, ratio, result.weight_rel_error,
         result.act_rel_error_init, result.act_rel_error, tokens, seconds,
+        als_iters=result.info.get("iters") if result.method == "als" else None,
     )
 
 

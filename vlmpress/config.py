@@ -95,7 +95,12 @@ class CompressionConfig:
     target_reduction: float | None = None  # fraction of the targeted layers' parameters to remove
     allocation: str = "shared"  # shared | proportion | auto (how target_reduction is split across groups)
     eps_proportion: dict[str, float] = field(default_factory=lambda: {"vision": 1.0, "text": 1.0})
-    als_iters: int = 10
+    # ALS: an integer runs exactly that many rounds (the paper's fixed tau, for reproductions);
+    # None iterates until the activation error changes by at most als_tol (relative) between
+    # rounds, at most als_max_iters rounds
+    als_iters: int | None = None
+    als_tol: float = 1e-4
+    als_max_iters: int = 100
     rank_multiple: int = 1  # round ranks to a multiple (8 or 16: tensor-core GEMM shapes on GPU); 1 = paper
     # --- which layers
     targets: list[str] = field(default_factory=list)  # regexes on layer names; empty = all candidates
@@ -174,14 +179,18 @@ class CompressionConfig:
                 f"eps-proportion must map group names to finite positive numbers (e.g. vision=1.3,text=0.7), "
                 f"got {self.eps_proportion}"
             )
-        for name in ("als_iters", "rank_multiple", "n_images", "n_captions", "n_samples", "seq_len", "batch_size",
+        for name in ("rank_multiple", "n_images", "n_captions", "n_samples", "seq_len", "batch_size",
                      "num_workers", "seed"):
             if name == "seq_len" and self.seq_len is None:
                 continue
             if not _is_int(getattr(self, name)):
                 raise ConfigError(f"{name.replace('_', '-')} must be an integer, got {getattr(self, name)!r}")
-        if self.als_iters < 0:
-            raise ConfigError(f"als_iters must be >= 0, got {self.als_iters}")
+        if self.als_iters is not None and (not _is_int(self.als_iters) or self.als_iters < 0):
+            raise ConfigError(f"als_iters must be a whole number >= 0 (or unset to iterate to als_tol), got {self.als_iters!r}")
+        if not _is_number(self.als_tol) or not (math.isfinite(self.als_tol) and self.als_tol > 0):
+            raise ConfigError(f"als_tol must be a positive relative change, e.g. 1e-4, got {self.als_tol!r}")
+        if not _is_int(self.als_max_iters) or self.als_max_iters < 1:
+            raise ConfigError(f"als_max_iters must be a whole number >= 1, got {self.als_max_iters!r}")
         if self.rank_multiple < 1:
             raise ConfigError(f"rank_multiple must be a positive integer (1 = exact ranks, 8/16 for GPUs), got {self.rank_multiple}")
         for name in ("n_images", "n_captions", "n_samples", "seq_len", "batch_size"):

@@ -30,6 +30,7 @@ class LayerReport:
     act_error: float | None = None  # activation error of the returned factors
     tokens: int | None = None  # calibration tokens seen by the layer
     seconds: float = 0.0
+    als_iters: int | None = None  # ALS rounds run (None: not an ALS solve)
 
     @property
     def shape(self) -> str:
@@ -152,7 +153,7 @@ class CompressionReport:
         gwidth = max([len("group")] + [len(l.group) for l in rows])
         head = (
             f"{'layer':<{width}} {'group':<{gwidth}} {'shape':>11} {'rank':>6} {'params':>19} {'w.err':>7} "
-            f"{'act0':>7} {'act':>7} {'sec':>6}"
+            f"{'act0':>7} {'act':>7} {'iters':>5} {'sec':>6}"
         )
         lines = [head, "-" * len(head)]
         for l in rows:
@@ -160,7 +161,7 @@ class CompressionReport:
             params = f"{l.params_before}->{l.params_after}"
             lines.append(
                 f"{l.name:<{width}} {l.group:<{gwidth}} {l.shape:>11} {rank:>6} {params:>19} {fmt(l.weight_error):>7} "
-                f"{fmt(l.act_error_init):>7} {fmt(l.act_error):>7} {l.seconds:>6.2f}"
+                f"{fmt(l.act_error_init):>7} {fmt(l.act_error):>7} {fmt(l.als_iters, 'd'):>5} {l.seconds:>6.2f}"
             )
         if max_rows is not None and len(self.layers) > max_rows:
             lines.append(f"... {len(self.layers) - max_rows} more layers (see the CSV report)")

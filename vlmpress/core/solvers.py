@@ -5,15 +5,16 @@ Every solver approximates a weight ``W`` (out x in, called N x M in the paper) b
 ``M = X X^T`` is the (uncentred) input covariance of the layer, accumulated during calibration.
 
 * ``svd``      -- truncated SVD of W, ``A = U_r S_r^1/2``, ``B = S_r^1/2 V_r^T`` (paper Eq. 1).
-* ``svd_llm``  -- SVD-LLM: whiten by the Cholesky factor T of M, truncate ``W T``, undo the whitening
-                 (closed-form optimum of Eq. 2/3). A singular M (few samples, dead features) is
-                 handled by jitter escalation and then an eigendecomposition fallback.
-* ``als``      -- PGSVD / SVD-ALS: start from the truncated SVD of W, then ``iters`` alternating
-                 least-squares updates (Eq. 6):  A = W M B^T (B M B^T)^+,  B = (A^T A)^+ A^T W.
+* ``svd_llm``  -- SVD-LLM's closed-form optimum of Eq. 2/3 (whitened truncation), computed as one
+                 float64 eigendecomposition on W's smaller side (no Cholesky or inverse of M, so
+                 singular covariances need no jitter).
+* ``als``      -- PGSVD / SVD-ALS: start from the truncated SVD of W, then alternating least-squares
+                 updates (Eq. 6):  A = W M B^T (B M B^T)^+,  B = (A^T A)^+ A^T W, either a fixed
+                 number of rounds (the paper's tau) or until the error stops changing.
 
 All solvers compute in float64 (inputs may be fp16/bf16/fp32) on the requested device.
-Activation errors ``||(W - A B) X||_F / ||W X||_F`` are evaluated in trace form from M, so X is never
-needed; values below ~1e-7 are at the float64 cancellation floor of that formula.
+Activation errors ``||(W - A B) X||_F / ||W X||_F`` come from M, so X is never needed; every
+reported error is the error of the returned factors.
 """
 
 from __future__ import annotations
@@ -161,9 +162,11 @@ def weight_relative_error(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> 
 def activation_relative_error(
     W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, M: torch.Tensor, WM: torch.Tensor | None = None
 ) -> float:
-    """``||(W - A B) X||_F / ||W X||_F`` from ``M = X X^T`` in trace form.
+    """``||(W - A B) X||_F / ||W X||_F`` from ``M = X X^T``, evaluated on the explicit residual.
 
-    tr((W-AB) M (W-AB)^T) = tr(W M W^T) - 2 <A, (W M) B^T> + <A^T A, B M B^T>.
+    ``tr(R M R^T)`` with ``R = W - A B`` formed first: its rounding error scales with ``||R||``, not
+    with ``||W||``, so small errors stay accurate (the expanded trace form
+    ``tr(W M W^T) - 2<A, W M B^T> + ...`` cancels to ~1e-8 and reported 0 for exact factors).
     Returns 0 when ``W X = 0`` (nothing to approximate).
     """
     W = W.to(torch.float64)
@@ -173,8 +176,8 @@ def activation_relative_error(
     total = torch.sum(WM * W)
     if total <= 0:
         return 0.0
-    resid = total - 2.0 * torch.sum(A * (WM @ B.mT)) + torch.sum((A.mT @ A) * (B @ M @ B.mT))
-    return float(torch.sqrt(resid.clamp_min(0) / total))
+    R = W - A @ B
+    return float(torch.sqrt(torch.sum((R @ M) * R).clamp_min(0) / total))
 
 
 # ----------------------------------------------------------------------------- solvers
@@ -234,21 +237,143 @@ def activation_optimal_factors(
     return A, B
 
 
+# ----------------------------------------------------------------------------- reduced problem
+#
+# Every activation-aware solve here works on the smaller side of W. Write W = Z C with Z (n x d)
+# having orthonormal columns and C (d x m), d = min(n, m):  wide W (n <= m): Z = I, C = W;  tall W:
+# Z from a QR/SVD of W. Then for any d x r orthonormal Q the factors A = Z Q, B = Q^T C give
+# A B = Z Q Q^T C, and with K = C M C^T (d x d)
+#
+#     ||(W - A B) X||_F^2 = tr((I - Q Q^T) K) = tr K - tr(Q^T K Q).
+#
+# * the closed form (SVD-LLM's optimum) is Q = top-r eigenvectors of K, error^2 = sum of K's tail
+#   eigenvalues (a sum of non-negative terms: no cancellation);
+# * ALS (paper Eq. 6) is exactly subspace iteration Q <- orth(K Q) from the SVD start: the A-step
+#   gives span(A) = span(W M B^T) = Z span(K Q) and the B-step B = A^+ W projects W onto it.
+# No inverse or Cholesky of M is ever needed, so singular, rank-deficient or zero covariances take
+# the same path as well-conditioned ones.
+
+_ALS_TOL = 1e-4  # default ALS stop: relative change of the activation error between iterations
+_ALS_MAX_ITERS = 100  # default cap in tolerance mode
+_CHOLQR_MIN_PIVOT = 1e-8  # Cholesky-QR of a tall W only when pivot^2 > this * max diag (cond(W) < ~1e4)
+_EXPLICIT_BELOW = 1e6  # recompute an error explicitly when error^2 < this * d * eps (trace form unreliable)
+
+
+@dataclass
+class _Reduced:
+    """``W = Z C`` and ``K = C M C^T`` (see above). ``Z`` is None for a wide W (identity)."""
+
+    W: torch.Tensor
+    M: torch.Tensor
+    C: torch.Tensor
+    K: torch.Tensor
+    Z: torch.Tensor | None = None  # explicit orthonormal factor (from an SVD of W)
+    R: torch.Tensor | None = None  # or: upper-triangular R with Z = W R^-1 (Cholesky-QR)
+    basis: str = "identity"
+
+    @property
+    def total(self) -> float:
+        return float(self.K.diagonal().sum())
+
+    def lift(self, Q: torch.Tensor) -> torch.Tensor:
+        """``A = Z Q`` (n x r)."""
+        if self.Z is not None:
+            return self.Z @ Q
+        if self.R is not None:
+            return self.W @ torch.linalg.solve_triangular(self.R, Q, upper=True)
+        return Q
+
+    def factors(self, Q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.lift(Q), Q.mT @ self.C
+
+    def explicit_sq_error(self, Q: torch.Tensor) -> float:
+        """``||(C - Q Q^T C) X||^2`` summed from the explicit residual (scale-aware, no cancellation)."""
+        Rc = self.C - Q @ (Q.mT @ self.C)
+        return float(torch.sum((Rc @ self.M) * Rc).clamp_min(0))
+
+
+_SVD_BASIS_MIN_RATIO = 1e-5  # an eigh-Gram SVD basis is orthonormal to ~eps*cond^2: trusted up to cond 1e5
+
+
+def _reduce(W64: torch.Tensor, M64: torch.Tensor, svd=None) -> _Reduced:
+    """The d x d problem. Tall W: the SVD basis when given and well-conditioned (ALS gets it from
+    rank planning), else a Cholesky-QR (cheap, well-conditioned W), else a Householder QR (exact)."""
+    n, m = W64.shape
+    if n <= m:
+        return _Reduced(W64, M64, W64, _symmetrize(W64 @ M64 @ W64.mT))
+    if svd is not None:
+        U, S, Vh = (t.to(W64) for t in svd)
+        if bool(S[m - 1] > _SVD_BASIS_MIN_RATIO * S[0]):
+            C = S[:m].unsqueeze(-1) * Vh[:m]
+            return _Reduced(W64, M64, C, _symmetrize(C @ M64 @ C.mT), Z=U[:, :m], basis="svd")
+    else:
+        G = W64.mT @ W64
+        L, err = torch.linalg.cholesky_ex(G)
+        if int(err) == 0 and bool(L.diagonal().min().square() > _CHOLQR_MIN_PIVOT * G.diagonal().max()):
+            R = L.mT
+            return _Reduced(W64, M64, R, _symmetrize(R @ M64 @ L), R=R, basis="cholesky-qr")
+    Z, R = torch.linalg.qr(W64)
+    return _Reduced(W64, M64, R, _symmetrize(R @ M64 @ R.mT), Z=Z, basis="qr")
+
+
+def _rel_error(reduced: _Reduced, Q: torch.Tensor, sq_error: float, total: float) -> tuple[float, bool]:
+    """Relative activation error of the factors built from Q. The cheap value (trace form or
+    spectrum tail) is used when float64 rounding cannot matter; near rounding it is recomputed from
+    the explicit residual (exact in the reduced space for wide W and QR bases; on W itself for
+    a Cholesky-QR or SVD basis, which are orthonormal only to ~eps*cond(W)^2). Returns (error, explicit?)."""
+    d = reduced.K.shape[0]
+    if sq_error >= _EXPLICIT_BELOW * d * torch.finfo(torch.float64).eps * total:
+        return (sq_error / total) ** 0.5, False
+    if reduced.basis in ("identity", "qr"):
+        return (reduced.explicit_sq_error(Q) / total) ** 0.5, True
+    A, B = reduced.factors(Q)
+    R = reduced.W - A @ B
+    full_total = float(torch.sum((reduced.W @ reduced.M) * reduced.W))
+    return (float(torch.sum((R @ reduced.M) * R).clamp_min(0)) / full_total) ** 0.5, True
+
+
+def _balance_columns(A: torch.Tensor, B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Give each rank-one term ``a_i b_i`` equal norms in A and B (same product, safe for fp16/bf16)."""
+    na, nb = torch.linalg.vector_norm(A, dim=0), torch.linalg.vector_norm(B, dim=1)
+    ok = (na > 0) & (nb > 0)
+    s = torch.where(ok, (nb / torch.where(ok, na, 1.0)).sqrt(), torch.ones_like(na))
+    return A * s, B / s.unsqueeze(-1)
+
+
+def _svd_start(W64: torch.Tensor, rank: int, svd) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    U, S, Vh = svd if svd is not None else svd_of(W64)
+    return U.to(W64), S.to(W64), Vh.to(W64)
+
+
+def _zero_activation_result(W64, rank, svd, method, t0, info) -> Factorization:
+    """W X = 0: every factorisation is optimal; return the truncated SVD (closest in weight space)."""
+    U, S, Vh = _svd_start(W64, rank, svd)
+    A, B = _factors_from_svd(U, S, Vh, rank)
+    info.update(path="zero-activations")
+    seconds = time.perf_counter() - t0
+    return Factorization(A, B, method, rank, weight_relative_error(W64, A, B), 0.0, 0.0, seconds, [0.0], info)
+
+
 def solve_svd_llm(
     W: torch.Tensor,
     rank: int,
     M: torch.Tensor,
     *,
     device=None,
-    rcond: float = DEFAULT_RCOND,
+    svd: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     balance: bool = True,
     **_: object,
 ) -> Factorization:
-    """SVD-LLM: truncated SVD of ``W T`` with ``M = T T^T`` (Cholesky), then ``B = S^1/2 V^T T^-1``.
+    """SVD-LLM's closed-form optimum of ``||(W - A B) X||_F`` at rank r, solved on W's smaller side.
 
-    Non-positive-definite M: the Cholesky is retried with jitter ``j * mean(diag M)`` for
-    j in 1e-10..1e-4; if that still fails (or yields non-finite factors) the eigendecomposition
-    closed form is used. ``info['whitening']`` records which path was taken.
+    SVD-LLM whitens with the Cholesky factor of M and truncates the SVD of ``W T``; the left
+    singular vectors of ``W T`` are the eigenvectors of ``K = W M W^T`` (wide W) or, for a tall
+    ``W = Z C``, ``Z`` times those of ``C M C^T``. So one float64 ``eigh`` of a d x d matrix
+    (d = min(out, in)) gives the same optimum with no Cholesky, inverse or jitter on M, for
+    singular covariances too. ``A = Z E_r``, ``B = E_r^T C``: B is W's rows projected on the kept
+    activation directions (directions X never excites keep W's own values instead of zero).
+    The reported error is the tail of K's spectrum (a sum, no cancellation), recomputed from the
+    explicit residual when it is near float64 rounding.
     """
     if M is None:
         raise ConfigError("svd_llm needs the input covariance M of the layer (run calibration first)")
@@ -257,28 +382,19 @@ def solve_svd_llm(
     W64, M64 = _as_f64(W, dev), _symmetrize(_as_f64(M, dev))
     t0 = time.perf_counter()
     info: dict = {}
-    A = B = None
-    scale = float(M64.diagonal().mean())
-    if scale > 0:
-        eye = torch.eye(M64.shape[0], dtype=torch.float64, device=dev)
-        for jitter in _JITTERS:
-            T, err = torch.linalg.cholesky_ex(M64 + (jitter * scale) * eye if jitter else M64)
-            if int(err.item()) != 0:
-                continue
-            A, B = _whitened_truncation(
-                W64, T, lambda Bw: torch.linalg.solve_triangular(T.mT, Bw.mT, upper=True).mT, rank
-            )
-            if bool(torch.isfinite(A).all() and torch.isfinite(B).all()):
-                info.update(whitening="cholesky", jitter=jitter)
-                break
-            A = B = None
-    if A is None:
-        A, B = activation_optimal_factors(W64, M64, rank, device=dev, rcond=rcond)
-        info.update(whitening="eigh" if scale > 0 else "zero-covariance")
+    reduced = _reduce(W64, M64, svd)
+    evals, E = torch.linalg.eigh(reduced.K)
+    evals = evals.flip(0).clamp_min(0)
+    total = float(evals.sum())
+    if not total > 0:
+        return _zero_activation_result(W64, rank, svd, "svd_llm", t0, info)
+    Q = E[:, -rank:].flip(1)
+    A, B = reduced.factors(Q)
     if balance:
-        A, B = balance_factors(A, B)
+        A, B = _balance_columns(A, B)
     seconds = time.perf_counter() - t0
-    act = activation_relative_error(W64, A, B, M64)
+    act, explicit = _rel_error(reduced, Q, float(evals[rank:].sum()), total)
+    info.update(path="smaller-side eigh", basis=reduced.basis, explicit_error=explicit)
     return Factorization(A, B, "svd_llm", rank, weight_relative_error(W64, A, B), act, None, seconds, info=info)
 
 
@@ -287,100 +403,88 @@ def solve_als(
     rank: int,
     M: torch.Tensor,
     *,
-    iters: int = 10,
+    iters: int | None = None,
+    tol: float = _ALS_TOL,
+    max_iters: int = _ALS_MAX_ITERS,
     device=None,
     svd: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
-    rcond: float = DEFAULT_RCOND,
     balance: bool = True,
-    track_history: bool = False,
     **_: object,
 ) -> Factorization:
-    """PGSVD / SVD-ALS factor refinement (paper Algorithm 1, Eq. 6).
+    """PGSVD / SVD-ALS factor refinement (paper Algorithm 1, Eq. 6), started from the truncated SVD.
 
-    Start from the truncated SVD of W (``svd`` may pass a precomputed one) and run ``iters`` rounds
-    of ``A = W M B^T (B M B^T)^+`` then ``B = (A^T A)^+ A^T W``.
+    ``iters=N`` runs exactly N rounds of ``A = W M B^T (B M B^T)^+``, ``B = (A^T A)^+ A^T W`` (the
+    paper's fixed tau, for reproductions). ``iters=None`` (default) iterates until the relative
+    change of the activation error between rounds is at most ``tol``, at most ``max_iters`` rounds.
 
-    Implementation: with ``C = W M B^T`` and ``G = B M B^T`` the A-step gives span(A) = span(C) and
-    the B-step can take ``B' = G (C^T C)^+ C^T W`` (then ``A B' = P_C W``, the exact minimiser), so
-    every product A B is the one Eq. 6 produces. All quantities are r x r or live in the smaller
-    side of W: for a wide W (out <= in) ``B = R W`` and the loop only touches ``K = W M W^T``
-    (out x out); for a tall W it only touches ``W^T W`` and M (in x in). One iteration then costs
-    O(r d^2) with d = min(out, in), with no N x r solve. The r x r systems go through
-    :func:`psd_solve` (Cholesky, eigh pseudo-inverse fallback). Each half-step exactly minimises
-    the objective in one factor, so the recorded activation error never increases.
-
-    ``history`` holds the activation error of the SVD start and after the last iteration; with
-    ``track_history=True`` also after every iteration (the residual costs about a third of an
-    iteration, so it is off by default).
+    Implementation: on the smaller side (see the comment above :func:`_reduce`) one round is one
+    step of subspace iteration ``Q <- orth(K Q)`` (a d x d by d x r product and a thin QR), which
+    yields the same product A B as Eq. 6. The activation error of every iterate falls out of that
+    product, so ``history[i]`` is the error of the factors after i rounds (``history[0]``: the SVD
+    start). The solver returns the best iterate, so the result is never worse than its start; its
+    ``act_rel_error`` is the error of the returned factors (recomputed from the explicit residual
+    when it is near float64 rounding). ``info``: rounds run, best round, converged flag.
     """
     if M is None:
         raise ConfigError("als needs the input covariance M of the layer (run calibration first)")
-    if int(iters) < 0:
+    fixed = iters is not None
+    if fixed and int(iters) < 0:
         raise ConfigError(f"als iterations must be >= 0, got {iters}")
+    if not fixed and not (tol > 0 and int(max_iters) >= 1):
+        raise ConfigError(f"als tolerance must be > 0 and max_iters >= 1, got tol={tol}, max_iters={max_iters}")
     _check_inputs(W, rank, M)
     dev = _resolve_device(device, W)
     W64, M64 = _as_f64(W, dev), _symmetrize(_as_f64(M, dev))
     t0 = time.perf_counter()
-    U, S, Vh = svd if svd is not None else svd_of(W64, dev)
-    U, S, Vh = U[:, :rank].to(dev, torch.float64), S[:rank].to(dev, torch.float64), Vh[:rank].to(dev, torch.float64)
-    A, B = _factors_from_svd(U, S, Vh, rank)
-    n_out, n_in = W64.shape
-    wide = n_out <= n_in
-    history: list[float] = []
-    SVh = S.unsqueeze(-1) * Vh  # = U_r^T W for an exact SVD
-    if wide:
-        K = W64 @ M64 @ W64.mT  # out x out
-        total = float(K.diagonal().sum())
-        e0 = total - float(torch.sum((SVh @ M64) * SVh))
-        R = torch.where(S > 0, 1.0 / S.clamp_min(torch.finfo(torch.float64).tiny).sqrt(), torch.zeros_like(S))
-        R = R.unsqueeze(-1) * U.mT  # B = R W
-    else:
-        GW = W64.mT @ W64  # in x in
-        total = float(torch.sum(M64 * GW))
-        e0 = total - float(torch.sum((SVh @ M64) * SVh))
-    if total > 0:
-        history.append(max(e0, 0.0) ** 0.5 / total**0.5)
-        last = None  # (left factor basis, G) of the last A-step, to build A at the end
-        n_iters = int(iters)
-        for it in range(n_iters):
-            residual = track_history or it == n_iters - 1
-            if wide:
-                RK = R @ K  # = C^T
-                G = RK @ R.mT
-                CtC = RK @ RK.mT
-                last = (RK, G)
-                # one factorisation of CtC serves the update and, when wanted, the residual
-                rhs = torch.cat([RK, (RK @ K) @ RK.mT], dim=1) if residual else RK  # [C^T | C^T K C]
-                both = psd_solve(CtC, rhs, rcond)
-                R = G @ both[:, : RK.shape[1]]
-            else:
-                BM = B @ M64
-                G = BM @ B.mT
-                Z = BM @ GW  # = C^T W
-                CtC = Z @ BM.mT
-                last = (BM, G)
-                rhs = torch.cat([Z, (Z @ M64) @ Z.mT], dim=1) if residual else Z
-                both = psd_solve(CtC, rhs, rcond)
-                B = G @ both[:, : Z.shape[1]]
-            if residual:
-                resid = total - float(both[:, -CtC.shape[1] :].diagonal().sum())
-                history.append(max(resid, 0.0) ** 0.5 / total**0.5)
-        if last is not None:
-            left, G = last
-            C = left.mT if wide else W64 @ left.mT  # C = W M B^T of the last A-step
-            A = psd_solve(G, C.mT, rcond).mT
-            if wide:
-                B = R @ W64
+    info: dict = {"mode": "fixed" if fixed else "tolerance"}
+    U, S, Vh = _svd_start(W64, rank, svd)
+    reduced = _reduce(W64, M64, (U, S, Vh))
+    K = reduced.K
+    total = reduced.total
+    if not total > 0:
+        info.update(iters=0, best_iter=0, converged=True)
+        return _zero_activation_result(W64, rank, (U, S, Vh), "als", t0, info)
+    d = K.shape[0]
+    if reduced.Z is None:  # wide: start = top-r left singular vectors of W
+        Q = U[:, :rank]
+    elif reduced.basis == "svd":  # tall: C = S V^T, so the start is the first r coordinate directions
+        Q = torch.eye(d, rank, dtype=torch.float64, device=dev)
+    else:  # tall, QR basis: the start's left singular vectors in that basis
+        Q = torch.linalg.qr(reduced.Z.mT @ U[:, :rank]).Q
+    Q0, KQ = Q, K @ Q
+
+    def sq_error(Q, KQ) -> float:
+        return max(total - float(torch.sum(Q * KQ)), 0.0)
+
+    best_sq = sq_error(Q, KQ)
+    best_Q, best_iter = Q, 0
+    history = [(best_sq / total) ** 0.5]
+    n_rounds = int(iters) if fixed else int(max_iters)
+    done, converged = 0, fixed
+    for it in range(1, n_rounds + 1):
+        Q = torch.linalg.qr(KQ).Q
+        KQ = K @ Q
+        cur = sq_error(Q, KQ)
+        history.append((cur / total) ** 0.5)
+        done = it
+        if cur < best_sq:
+            best_sq, best_Q, best_iter = cur, Q, it
+        if not fixed and abs(history[-2] - history[-1]) <= tol * max(history[-1], 1e-300):
+            converged = True
+            break
+    A, B = reduced.factors(best_Q)
     if balance:
-        A, B = balance_factors(A, B)
+        A, B = _balance_columns(A, B)
     seconds = time.perf_counter() - t0
     if not bool(torch.isfinite(A).all() and torch.isfinite(B).all()):  # pragma: no cover - defensive
         raise FloatingPointError("ALS produced non-finite factors; please report this weight/covariance")
-    act = history[-1] if history else 0.0
-    act0 = history[0] if history else 0.0
-    return Factorization(
-        A, B, "als", rank, weight_relative_error(W64, A, B), act, act0, seconds, history, {"iters": int(iters)}
-    )
+    act, explicit = _rel_error(reduced, best_Q, best_sq, total)
+    history[best_iter] = act  # the returned iterate's entry holds its exact value
+    if explicit and best_iter != 0:
+        history[0] = _rel_error(reduced, Q0, 0.0, total)[0]
+    act0 = history[0]
+    info.update(iters=done, best_iter=best_iter, converged=converged, basis=reduced.basis, explicit_error=explicit)
+    return Factorization(A, B, "als", rank, weight_relative_error(W64, A, B), act, act0, seconds, history, info)
 
 
 SOLVERS: dict[str, Callable[..., Factorization]] = {
