@@ -42,6 +42,7 @@ def save_tiny_llava(
     vision_layers: int = 3,
     text_layers: int = 2,
     hidden: int = 32,
+    max_positions: int = 256,
     chat_template: bool = True,
 ) -> Path:
     """Write a tiny random ``LlavaForConditionalGeneration`` + ``LlavaProcessor`` to ``directory``."""
@@ -56,7 +57,7 @@ def save_tiny_llava(
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    tokenizer = tiny_vlm_tokenizer()
+    tokenizer = tiny_vlm_tokenizer(model_max_length=max_positions)
     image_processor = CLIPImageProcessor(
         size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
     )
@@ -74,7 +75,7 @@ def save_tiny_llava(
     )
     text = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=text_layers,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_positions,
         pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
     )
     config = LlavaConfig(
