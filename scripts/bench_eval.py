@@ -15,6 +15,12 @@ machine is noisy).
 Target: harness / plain >= 1.0.
 
     python scripts/bench_eval.py [--n 300] [--model open_clip:vlmpress-tiny] [--num-workers 0 2]
+
+Generative VLMs (``--model hf:LLAVA_DIR``, or ``--model tiny-llava`` for a random LLaVA with
+LLaVA-1.5's 24x24 = 576 image positions built offline) bench the likelihood zero-shot instead:
+cached image prefix vs re-running the full sequence per class caption (``_bench_likelihood.py``).
+
+    python scripts/bench_eval.py --model tiny-llava --n 8 --batch-size 4 --templates single
 """
 
 from __future__ import annotations
@@ -54,7 +60,11 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--data-root", default=str(SHARED_CALTECH.parent))
     p.add_argument("--split-file", default=str(SHARED_CALTECH / "test.txt"))
+    p.add_argument("--templates", choices=["ensemble", "single"], default="ensemble",
+                   help="generative VLMs: caption templates per class (default: %(default)s)")
     args = p.parse_args()
+    if args.model == "tiny-llava" or _is_generative(args.model):
+        return _bench_generative(args)
 
     import torchvision
 
@@ -98,6 +108,37 @@ def main() -> None:
         best, med = min(times), statistics.median(times)
         print(f"{f'harness (num_workers={w})':<30} {best:>7.3f} {n / best:>7.1f} {plain_best / best:>6.2f} | "
               f"{med:>8.3f} {n / med:>7.1f} {plain_med / med:>6.2f}")
+
+def _is_generative(spec: str) -> bool:
+    from vlmpress.adapters import adapter_for_spec, is_compressed_dir
+
+    if is_compressed_dir(spec):
+        import json
+
+        return json.loads((Path(spec) / "vlmpress_config.json").read_text())["family"] == "hf_llava"
+    try:
+        return adapter_for_spec(spec).family == "hf_llava"
+    except Exception:  # noqa: BLE001 - unknown specs fail later with the loader's own message
+        return False
+
+
+def _bench_generative(args) -> None:
+    import tempfile
+
+    from _bench_likelihood import bench_likelihood
+
+    print(f"# machine: {machine()}")
+    spec = args.model
+    if spec == "tiny-llava":
+        from vlmpress.testing_genvlm import save_tiny_llava
+
+        spec = "hf:" + str(save_tiny_llava(Path(tempfile.mkdtemp()) / "llava", image_size=336, patch_size=14, hidden=64, max_positions=1024))
+    adapter = load_model(spec).eval()
+    split_file = args.split_file if Path(args.split_file).is_file() else None
+    ds = build_dataset("caltech101", "test", args.data_root, split_file=split_file, limit=args.n, templates=args.templates)
+    print(f"# model {args.model}, {len(ds)} images ({ds.split_id}), {len(ds.classnames)} classes x {len(ds.templates)} templates")
+    bench_likelihood(adapter, ds, batch_size=args.batch_size, repeats=args.repeats)
+
 
 if __name__ == "__main__":
     main()

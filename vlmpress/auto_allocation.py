@@ -138,6 +138,8 @@ def auto_compress(
     adapter: VisionLanguageAdapter, config: CompressionConfig, calibration: CalibrationSet, **kwargs
 ) -> CompressionReport:
     """Search the tower split, then compress ``adapter`` in place with the winning tolerances."""
+    if hasattr(adapter, "auto_compress"):  # families with their own proxy (generative VLMs: caption-token KL)
+        return adapter.auto_compress(config, calibration)
     state: dict = {}
     result = search_allocation(adapter, config, calibration, _state=state, **kwargs)
     fit, _ = split_calibration(calibration)

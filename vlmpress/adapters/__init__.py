@@ -31,6 +31,7 @@ _BUILTIN: dict[str, str] = {
     "hf_clip": "vlmpress.adapters.hf_clip:HFClipAdapter",
     "hf_siglip": "vlmpress.adapters.hf_clip:HFSiglipAdapter",
     "hf_causal_lm": "vlmpress.adapters.hf_causal_lm:HFCausalLMAdapter",
+    "hf_llava": "vlmpress.adapters.hf_llava:HFLlavaAdapter",
 }
 
 _REGISTRY: dict[str, type[ModelAdapter]] = {}

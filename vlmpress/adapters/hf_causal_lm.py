@@ -151,6 +151,8 @@ class HFCausalLMAdapter(ModelAdapter):
         config = read_model_config(spec[3:].strip())
         if config is None:
             return False
+        if "vision_config" in config:  # a vision-language model (LLaVA, ...): not a text-only causal LM
+            return False
         if config.get("model_type") in BLOCK_PATHS:
             return True
         return not _other_adapter_accepts(spec, cls.family)

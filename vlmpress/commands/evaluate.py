@@ -54,6 +54,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda[:N]")
     p.add_argument("--precision", choices=["fp32", "fp16", "bf16"], default="fp32",
                    help="autocast precision for the model (fp16/bf16 on GPU; default: %(default)s)")
+    p.add_argument("--length-norm", action="store_true",
+                   help="generative VLMs: rank classes by mean per-token caption log-likelihood (default: sum over tokens)")
     p.add_argument("--label", help="row label in reports, e.g. 'PGSVD auto' (default: the method name)")
     p.add_argument("--cache-dir", help="keep preprocessed test images here (fp16) and reuse them for every "
                    "model with the same preprocessing (suites of compressed variants)")
@@ -156,6 +158,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _run_zeroshot(args: argparse.Namespace) -> int:
     from vlmpress.adapters import VisionLanguageAdapter, load_model
+    from vlmpress.evaluation.likelihood import evaluate_likelihood, supports_likelihood
     from vlmpress.evaluation.results import make_record, write_record
     from vlmpress.evaluation.zeroshot import autocast_context, evaluate_zeroshot, resolve_device
 
@@ -183,14 +186,25 @@ def _run_zeroshot(args: argparse.Namespace) -> int:
     print(HEADER)
     for spec in args.model:
         adapter = load_model(spec, device=str(device), **_verify_kwargs(args, spec))
-        if not isinstance(adapter, VisionLanguageAdapter):
+        generative = supports_likelihood(adapter)
+        if not isinstance(adapter, VisionLanguageAdapter) and not generative:
             raise ConfigError(f"'{spec}' is not a vision-language model; zero-shot classification needs image and text towers")
         for ds in datasets:
-            result = evaluate_zeroshot(
-                adapter, _images_for(ds, adapter, args), batch_size=args.batch_size, num_workers=args.num_workers,
-                device=device, precision=args.precision, show_progress=not args.no_progress,
-            )
+            if generative:  # rank class captions by their log-likelihood given the image
+                result = evaluate_likelihood(
+                    adapter, _images_for(ds, adapter, args), batch_size=args.batch_size, num_workers=args.num_workers,
+                    device=device, precision=args.precision, length_normalize=args.length_norm,
+                    show_progress=not args.no_progress,
+                )
+            else:
+                result = evaluate_zeroshot(
+                    adapter, _images_for(ds, adapter, args), batch_size=args.batch_size, num_workers=args.num_workers,
+                    device=device, precision=args.precision, show_progress=not args.no_progress,
+                )
             record = make_record(result, model=spec, adapter=adapter, label=args.label, templates=args.templates)
+            if generative:
+                record.metrics["caption_perplexity"] = result.caption_perplexity
+                record.metrics["length_normalized"] = float(result.length_normalize)
             path = write_record(record, out)
             records.append(record)
             print(_fmt(record), flush=True)

@@ -49,6 +49,8 @@ class CalibrationSet:
     caption_source: str = ""
     class_names: list[str] | None = None
     skipped_images: list[str] = field(default_factory=list)  # unreadable files left out
+    #: class name of each calibration image (None where unknown); lets generative VLMs pair an image with a caption of its class
+    image_classes: list[str | None] | None = None
 
     def describe(self) -> dict[str, Any]:
         out = {
@@ -157,6 +159,15 @@ def load_calibration_images(
     Unreadable files in a folder are skipped with one warning (count and first file) and appended
     to ``skipped``; a folder without any readable image is an error.
     """
+    images, _, names, description = load_labelled_calibration_images(source, n, seed, data_root, split_file, skipped)
+    return images, names, description
+
+
+def load_labelled_calibration_images(
+    source: str, n: int, seed: int = 0, data_root: str | None = None, split_file: str | None = None,
+    skipped: list[str] | None = None,
+) -> tuple[list[Any], list[str | None], list[str] | None, str]:
+    """As :func:`load_calibration_images`, plus the class name of every image (None where unknown)."""
     if Path(source).expanduser().is_dir():
         paths, classes = scan_image_folder(Path(source).expanduser())
         chosen, bad = _sample_readable(list(zip(paths, classes)), n, seed)
@@ -173,7 +184,8 @@ def load_calibration_images(
             )
         names = sorted({_readable_class(c) for _, c in chosen if c is not None}) or None
         note = f", {len(bad)} unreadable skipped" if bad else ""
-        return [p for p, _ in chosen], names, f"folder {source} ({len(chosen)} of {len(paths)} images{note})"
+        per_image = [_readable_class(c) if c is not None else None for _, c in chosen]
+        return [p for p, _ in chosen], per_image, names, f"folder {source} ({len(chosen)} of {len(paths)} images{note})"
     try:
         from vlmpress.data import datasets as registry
     except ImportError:  # pragma: no cover - dataset registry not available
@@ -182,9 +194,10 @@ def load_calibration_images(
         # the train part of the same split evaluation uses: calibration never sees a test image
         ds = registry.build_dataset(source, split="train", root=data_root, split_file=split_file)  # default split seed = eval default
         indices = _sample(list(range(len(ds))), n, seed)
-        images = [ds[i][0] for i in indices]
+        items = [ds[i] for i in indices]
         names = list(getattr(ds, "classnames", None) or [])
-        return images, names or None, f"dataset {source} train split {ds.split_id} ({len(images)} images)"
+        per_image = [names[int(label)] if names else None for _, label in items]
+        return [img for img, _ in items], per_image, names or None, f"dataset {source} train split {ds.split_id} ({len(items)} images)"
     known = sorted(getattr(registry, "DATASETS", {})) if registry is not None else []
     raise CalibrationError(
         f"calibration images '{source}' is neither an existing folder nor a registered dataset"
@@ -248,11 +261,11 @@ def build_calibration_set(
             raise CalibrationError(
                 "calibration images are required: pass --calib-images FOLDER (or a registered dataset name)"
             )
-        out.images, out.class_names, out.image_source = load_calibration_images(
+        out.images, out.image_classes, out.class_names, out.image_source = load_labelled_calibration_images(
             images, n_images, seed, data_root, split_file, skipped=out.skipped_images
         )
         if not need_images:
-            out.images = []
+            out.images, out.image_classes = [], None
     if need_captions:
         if captions:
             out.captions = load_captions(captions, n_captions, seed)

@@ -1,0 +1,117 @@
+"""Tiny, offline generative VLMs for tests: a random LLaVA (CLIP vision tower + Llama decoder) with
+its processor (CLIP image processor + a byte-level BPE tokenizer trained in memory + a chat template).
+
+Saved with ``save_pretrained`` and loaded back through ``hf:<dir>``, the path users take.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+#: a LLaVA-1.5-style chat template ("USER: <image>\\n{prompt} ASSISTANT:")
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ message['role'].upper() }}: "
+    "{% for part in message['content'] %}{% if part['type'] == 'image' %}<image>\n{% else %}{{ part['text'] }}{% endif %}"
+    "{% endfor %}{% if not loop.last %}\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %} ASSISTANT:{% endif %}"
+)
+
+_CAPTION_TEXT = (
+    "a photo of a cat. a photo of a dog. a bad photo of the bird. a close-up photo of a car. "
+    "what is shown in this image? user assistant "
+)
+
+
+def tiny_vlm_tokenizer(corpus: str = "", vocab_size: int = 320, model_max_length: int = 256):
+    """Byte-level BPE (trained offline on a small text) with ``<image>`` as an added special token."""
+    from vlmpress.lm_reference import TINY_TEXT, train_tokenizer
+
+    tokenizer = train_tokenizer(TINY_TEXT + _CAPTION_TEXT + corpus, vocab_size=vocab_size, model_max_length=model_max_length)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    return tokenizer
+
+
+def save_tiny_llava(
+    directory: str | Path,
+    seed: int = 0,
+    *,
+    image_size: int = 32,
+    patch_size: int = 8,
+    vision_layers: int = 3,
+    text_layers: int = 2,
+    hidden: int = 32,
+    max_positions: int = 256,
+    chat_template: bool = True,
+) -> Path:
+    """Write a tiny random ``LlavaForConditionalGeneration`` + ``LlavaProcessor`` to ``directory``."""
+    from transformers import (
+        CLIPImageProcessor,
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+    )
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tokenizer = tiny_vlm_tokenizer(model_max_length=max_positions)
+    image_processor = CLIPImageProcessor(
+        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
+    )
+    processor = LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=patch_size,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,  # CLIP's class token (dropped again by the 'default' strategy)
+        chat_template=CHAT_TEMPLATE if chat_template else None,
+    )
+    vision = CLIPVisionConfig(
+        hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=vision_layers, num_attention_heads=2,
+        image_size=image_size, patch_size=patch_size,
+    )
+    text = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=text_layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_positions,
+        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
+    )
+    config = LlavaConfig(
+        vision_config=vision, text_config=text, image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+        projector_hidden_act="gelu", tie_word_embeddings=False,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LlavaForConditionalGeneration(config).eval()
+    model.save_pretrained(directory, safe_serialization=True)
+    processor.save_pretrained(directory)
+    return directory
+
+
+def tiny_llava(tmp_dir: str | Path, seed: int = 0, **kwargs):
+    """A tiny random LLaVA saved under ``tmp_dir`` and loaded through ``hf:<dir>``."""
+    from vlmpress.adapters.hf_llava import HFLlavaAdapter
+
+    directory = save_tiny_llava(Path(tmp_dir) / f"tiny-llava-{seed}", seed=seed, **kwargs)
+    return HFLlavaAdapter.load(f"hf:{directory}").eval()
+
+
+def write_image_folder(root: str | Path, classes: tuple[str, ...] = ("cat", "dog", "bird"), per_class: int = 4, seed: int = 0) -> Path:
+    """A tiny on-disk image folder (one sub-folder per class, random-colour JPEGs)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    root = Path(root)
+    for c, name in enumerate(classes):
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            pixels = rng.integers(0, 255, size=(24 + 4 * c, 28, 3), dtype=np.uint8)
+            pixels[..., c % 3] = 200  # a class-dependent tint
+            Image.fromarray(pixels).save(root / name / f"{i}.jpg")
+    return root
+
+
+__all__ = ["CHAT_TEMPLATE", "save_tiny_llava", "tiny_llava", "tiny_vlm_tokenizer", "write_image_folder"]
