@@ -20,10 +20,10 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_model
 
-from vlmpress.adapters import get_adapter_class
+from vlmpress.adapters import adapter_origin, get_adapter_class
 from vlmpress.adapters.base import ModelAdapter, replace_module, weight_matrix
 from vlmpress.core.lowrank import LowRankLinear
-from vlmpress.errors import CheckpointError, ConfigError
+from vlmpress.errors import CheckpointError, ConfigError, UnknownModelSpecError
 from vlmpress.io import atomic_write_json, library_versions
 
 logger = logging.getLogger(__name__)
@@ -99,6 +99,7 @@ def save_compressed(
             "format_version": FORMAT_VERSION,
             "model_spec": adapter.spec,
             "family": adapter.family,
+            "adapter_origin": adapter_origin(adapter.family),
             "spec_config": adapter.spec_config(),
             "method": report.method,
             "tolerances": report.tolerances,
@@ -156,7 +157,12 @@ def load_compressed(directory: str | Path, *, device: str | torch.device = "cpu"
     weights = directory / WEIGHTS_NAME
     if not weights.is_file():
         raise CheckpointError(f"{directory} is missing {WEIGHTS_NAME}")
-    cls = get_adapter_class(config["family"])
+    try:
+        cls = get_adapter_class(config["family"])
+    except UnknownModelSpecError as err:
+        origin = str(config.get("adapter_origin", ""))
+        package = f" It was written with the adapter package '{origin[7:]}': install it." if origin.startswith("plugin:") else ""
+        raise CheckpointError(f"{directory} needs adapter family '{config['family']}', which is not installed.{package} {err}") from None
     adapter = cls.build_from_spec_config(config["spec_config"], device="cpu", preprocessing_dir=directory)
     adapter.spec = config.get("model_spec", adapter.spec)
     adapter.prepare_for_compression()

@@ -52,6 +52,8 @@ class CompressionReport:
     calibration: dict[str, Any] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)
+    #: per tower: linear params, targeted share, layers kept dense (untargeted linears, convolutions)
+    coverage: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     # ------------------------------------------------------------------ totals
     def group_totals(self) -> dict[str, dict[str, Any]]:
@@ -115,6 +117,7 @@ class CompressionReport:
             "n_layers_dense": len(self.dense_layers),
             "calibration": self.calibration,
             "seconds": self.seconds,
+            "coverage": self.coverage,
         }
 
     # ------------------------------------------------------------------ serialisation
@@ -177,4 +180,9 @@ class CompressionReport:
         )
         if self.dense_layers:
             lines.append(f"kept dense        : {len(self.dense_layers)} layers whose rank would not save parameters")
+        for group, cov in self.coverage.items():
+            convs = f", {len(cov['dense_convs'])} convolutions kept dense" if cov.get("dense_convs") else ""
+            lines.append(
+                f"tower {group:<8}: {100 * cov['targeted_fraction']:.1f}% of {cov['linear_params']:,} linear params targeted{convs}"
+            )
         return "\n".join(lines)
