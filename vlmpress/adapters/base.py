@@ -178,6 +178,13 @@ class ModelAdapter(ABC):
         re-packing) and must leave the adapter's model compressed. ``out_dir`` exists.
         """
 
+    def exported_spec(self, out_dir: str | Path) -> str | None:
+        """The model spec that loads :meth:`export_dense` output with the family's stock loader.
+
+        Used by the conformance kit (``vlmpress.testing.check_adapter``); None = not checkable.
+        """
+        return None
+
     #: tower name -> module-path prefixes (``{"vision": ("visual.",)}``); enables
     #: :meth:`tower_inventory` (coverage and dense-layer reporting, the "nothing to compress" check)
     towers: ClassVar[dict[str, tuple[str, ...]]] = {}

@@ -266,6 +266,9 @@ class HFDualEncoderAdapter(VisionLanguageAdapter):
             logger.warning("exported %s without tokenizer/image processor files (not available)", self.name)
         logger.info("exported dense %s checkpoint to %s (%d low-rank layers merged)", self.model_type, out, merged)
 
+    def exported_spec(self, out_dir: str | Path) -> str:
+        return f"{PREFIX}{Path(out_dir).resolve()}"
+
     # ------------------------------------------------------------------ inference
     def _text_config(self):
         config = self.model.config

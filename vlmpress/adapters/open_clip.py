@@ -339,6 +339,9 @@ class OpenClipAdapter(VisionLanguageAdapter):
         (out / CONFIG_FILE).write_text(json.dumps(payload, indent=2), encoding="utf-8")
         logger.info("exported dense open_clip checkpoint to %s", out)
 
+    def exported_spec(self, out_dir: str | Path) -> str:
+        return f"{PREFIX}local-dir:{Path(out_dir).resolve()}"
+
     # ------------------------------------------------------------------ inference
     def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
         if isinstance(texts, str):
