@@ -102,6 +102,8 @@ class ModelAdapter(ABC):
     groups: ClassVar[tuple[str, ...]]
     #: calibration modality per group: "images", "texts" (captions) or "tokens" (LM text)
     group_modality: ClassVar[dict[str, str]]
+    #: registry precedence when several adapters accept a spec (higher first; see vlmpress.adapters)
+    priority: ClassVar[int] = 0
 
     def __init__(self, model: nn.Module, spec: str):
         self.model = model
