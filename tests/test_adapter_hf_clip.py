@@ -56,19 +56,28 @@ def test_spec_resolution(adapters, tmp_path):
 
 @pytest.mark.parametrize("kind", ["clip", "siglip"])
 def test_target_layers(adapters, kind):
+    """Every linear of both towers: encoder layers, projections (CLIP), the split pooling head (SigLIP)."""
+    from vlmpress.adapters.attention import SplitMultiheadAttention
+
     layers = adapters[kind].target_layers()
-    assert len(layers) == 24
+    model = adapters[kind].model
     for group, tower in [("vision", "vision_model"), ("text", "text_model")]:
         mine = [t for t in layers if t.group == group]
-        assert len(mine) == 12 and all(t.name.startswith(f"{tower}.encoder.layers.") for t in mine)
-        assert sum(t.kind == "attn" for t in mine) == 8 and sum(t.kind == "mlp" for t in mine) == 4
-        assert {t.name.rsplit(".", 1)[1] for t in mine} == {"q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"}
-    assert not any(".head" in t.name or "projection" in t.name for t in layers)
-    model = adapters[kind].model
+        encoder = [t for t in mine if t.name.startswith(f"{tower}.encoder.layers.")]
+        assert len(encoder) == 12
+        assert sum(t.kind == "attn" for t in encoder) == 8 and sum(t.kind == "mlp" for t in encoder) == 4
+        assert {t.name.rsplit(".", 1)[1] for t in encoder} == {"q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"}
+    names = {t.name for t in layers}
+    if kind == "clip":
+        assert {"visual_projection", "text_projection"} <= names
+    else:  # the attention-pooling head is split exactly and targeted
+        assert isinstance(model.vision_model.head.attention, SplitMultiheadAttention)
+        assert "vision_model.head.attention.q_proj" in names and "vision_model.head.mlp.fc1" in names
     for t in layers:
         assert model.get_submodule(t.name) is t.module and isinstance(t.module, nn.Linear)
-    if kind == "siglip":  # the attention-pooling head is left packed and working
-        assert isinstance(model.vision_model.head.attention, nn.MultiheadAttention)
+    inventory = adapters[kind].tower_inventory()
+    assert all(inv.coverage == 1.0 for inv in inventory.values())
+    assert inventory["vision"].conv_layers == 1  # the patch embedding stays dense
     adapters[kind].prepare_for_compression()
     assert [t.name for t in adapters[kind].target_layers()] == [t.name for t in layers]
 

@@ -31,10 +31,10 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_model
 
-from vlmpress.adapters import get_adapter_class
+from vlmpress.adapters import adapter_origin, get_adapter_class
 from vlmpress.adapters.base import ModelAdapter, replace_module, weight_matrix
 from vlmpress.core.lowrank import LowRankLinear
-from vlmpress.errors import CheckpointError, ConfigError
+from vlmpress.errors import CheckpointError, ConfigError, UnknownModelSpecError
 from vlmpress.io import atomic_write_json, library_versions
 
 logger = logging.getLogger(__name__)
@@ -107,6 +107,7 @@ CONFIG_SCHEMA: dict[str, tuple[bool, Any]] = {
     "layer_shapes": (False, _check_shapes),
     "dense_layers": (False, _check_dense_layers),
     "file_sha256": (False, _check_hashes),
+    "adapter_origin": (False, _check_str),
 }
 
 
@@ -328,6 +329,7 @@ def save_compressed(
             "format_version": FORMAT_VERSION,
             "model_spec": adapter.spec,
             "family": adapter.family,
+            "adapter_origin": adapter_origin(adapter.family),
             "spec_config": adapter.spec_config(),
             "method": report.method,
             "tolerances": report.tolerances,
@@ -426,7 +428,12 @@ def load_compressed(directory: str | Path, *, device: str | torch.device = "cpu"
         raise CheckpointError(f"{directory} is missing {WEIGHTS_NAME}")
     if verify:
         verify_checkpoint_files(directory, config)
-    cls = get_adapter_class(config["family"])
+    try:
+        cls = get_adapter_class(config["family"])
+    except UnknownModelSpecError as err:
+        origin = str(config.get("adapter_origin", ""))
+        package = f" It was written with the adapter package '{origin[7:]}': install it." if origin.startswith("plugin:") else ""
+        raise CheckpointError(f"{directory} needs adapter family '{config['family']}', which is not installed.{package} {err}") from None
     adapter = _quiet_build(cls, config["spec_config"], directory)
     adapter.spec = config.get("model_spec", adapter.spec)
     adapter.prepare_for_compression()

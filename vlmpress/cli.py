@@ -46,6 +46,10 @@ def build_parser() -> argparse.ArgumentParser:
         cmd.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS, help="more logging")
         cmd.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help="warnings only")
         module.add_arguments(cmd)
+        cmd.add_argument(
+            "--adapter", metavar="NAME", default=argparse.SUPPRESS,
+            help="adapter family to use when several accept the model spec (built-in or installed plugin)",
+        )
         cmd.set_defaults(_run=module.run)
     return parser
 
@@ -68,7 +72,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     _configure_logging(args.verbose, args.quiet)
     try:
-        return int(args._run(args) or 0)
+        from vlmpress.adapters import use_adapter
+
+        with use_adapter(getattr(args, "adapter", None)):
+            return int(args._run(args) or 0)
     except VlmpressError as err:
         print(f"vlmpress {args.command}: error: {_one_line(err)}", file=sys.stderr)
         return 2

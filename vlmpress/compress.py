@@ -88,6 +88,7 @@ def select_layers(adapter: ModelAdapter, config: CompressionConfig) -> list[Targ
     # an adapter's default excludes (e.g. an LLM's lm_head) apply unless targets are named explicitly
     exclude = list(config.exclude) + ([] if config.targets else list(getattr(adapter, "default_exclude", ())))
     selected = select_targets(candidates, config.targets, exclude)
+    check_groups_have_targets(adapter, config, candidates, selected)
     if not selected:
         examples = ", ".join(layer.name for layer in candidates[:4])
         raise ConfigError(
@@ -95,6 +96,71 @@ def select_layers(adapter: ModelAdapter, config: CompressionConfig) -> list[Targ
             f"{len(candidates)} candidate layers, e.g. {examples}"
         )
     return selected
+
+
+def _given_groups(adapter: ModelAdapter, config: CompressionConfig) -> dict[str, str]:
+    """Group/kind -> what the config gives it explicitly (``eps-v=0.5``), plus every group for global settings."""
+    given: dict[str, str] = {}
+    for key, flag in (("vision", "eps_v"), ("text", "eps_t"), ("attn", "eps_attn"), ("mlp", "eps_mlp")):
+        value = getattr(config, flag, None)
+        if value is not None:
+            given[key] = f"a tolerance ({flag.replace('_', '-')}={value})"
+    if config.target_reduction is not None and config.allocation == "proportion":
+        for key in config.eps_proportion:
+            if key != "*":
+                given.setdefault(key, f"a share of the target (eps-proportion {key}={config.eps_proportion[key]})")
+    return given
+
+
+def check_groups_have_targets(
+    adapter: ModelAdapter, config: CompressionConfig, candidates: list[TargetLayer], selected: list[TargetLayer]
+) -> None:
+    """No silent skip: a group (or kind) the config gives a tolerance, ratio or target share must have targets.
+
+    Groups named explicitly must have selected layers; with a global setting (``eps``, ``ratio``,
+    ``target_reduction``) and no layer filter, every group of the adapter must have candidates.
+    """
+    given = _given_groups(adapter, config)
+    filtered = bool(config.targets or config.exclude)
+    if not filtered and (config.eps is not None or config.ratio is not None or config.target_reduction is not None):
+        what = (
+            f"a tolerance (eps={config.eps})" if config.eps is not None
+            else f"a ratio ({config.ratio})" if config.ratio is not None
+            else f"part of the target reduction ({config.target_reduction})"
+        )
+        for group in adapter.groups:
+            given.setdefault(group, what)
+    kinds = {layer.kind for layer in candidates} | {"attn", "mlp"}
+    for key, what in given.items():
+        if key in adapter.groups:
+            if any(layer.group == key for layer in selected):
+                continue
+            inventory = _inventory(adapter, candidates).get(key)
+            found = inventory.describe() if inventory is not None else f"{sum(l.group == key for l in candidates)} candidate layers"
+            where = f"group '{key}'"
+        elif key in kinds:
+            if any(layer.kind == key for layer in selected):
+                continue
+            found = f"{sum(l.kind == key for l in candidates)} candidate layers of kind '{key}'"
+            where = f"layer kind '{key}'"
+        else:
+            raise ConfigError(
+                f"model '{adapter.spec}' has no group '{key}' (it was given {what}); its groups are "
+                f"{', '.join(adapter.groups)}"
+            )
+        raise ConfigError(
+            f"{where} of model '{adapter.spec}' was given {what} but has no compressible layer "
+            f"(found: {found}{', after targets/exclude filtering' if filtered else ''}); "
+            "drop that setting or give tolerances only to groups that have layers"
+        )
+
+
+def _inventory(adapter: ModelAdapter, candidates: list[TargetLayer]) -> dict:
+    try:
+        return adapter.tower_inventory([layer.name for layer in candidates])
+    except Exception as err:  # noqa: BLE001 - the inventory only enriches an error message
+        logger.debug("no tower inventory for %s: %s", adapter.spec, err)
+        return {}
 
 
 def _spectra(layers: list[TargetLayer], device: torch.device, keep_vectors: bool) -> tuple[dict, dict, dict]:
@@ -342,6 +408,8 @@ def finish_report(
     """The run's :class:`CompressionReport` (layers in model order), also attached to the adapter."""
     order = {layer.name: i for i, layer in enumerate(layers)}
     reports.sort(key=lambda r: order[r.name])
+    # record only tolerances that were applied to at least one layer (no phantom group settings)
+    tolerances = {key: value for key, value in tolerances.items() if any(tolerance_key(l, tolerances) == key for l in layers)}
     calib_info = calibration.describe() if calibration is not None and hasattr(calibration, "describe") else {}
     if calib_info and calibration_extra:
         calib_info = {**calib_info, **calibration_extra}
@@ -360,9 +428,33 @@ def finish_report(
         calibration=calib_info,
         seconds=seconds,
         config=config.to_dict(),
+        coverage=tower_coverage(adapter, reports),
     )
     adapter.compression_report = report  # type: ignore[attr-defined]
     return report
+
+
+def tower_coverage(adapter: ModelAdapter, reports: list[LayerReport]) -> dict[str, dict]:
+    """Per tower: share of its linear parameters that were targeted, and what stayed dense."""
+    try:
+        inventory = adapter.tower_inventory([r.name for r in reports])
+    except Exception as err:  # noqa: BLE001 - reporting must not fail a finished compression
+        logger.debug("no tower inventory for %s: %s", adapter.spec, err)
+        return {}
+    out = {}
+    for group, inv in inventory.items():
+        targeted = sum(r.params_before for r in reports if r.group == group)
+        untargeted = inv.linear_params - inv.targeted_params  # untouched layers: sizes unchanged
+        total = targeted + untargeted
+        out[group] = {
+            "linear_params": total,
+            "targeted_params": targeted,
+            "targeted_fraction": targeted / total if total else 0.0,
+            "untargeted_linear": inv.untargeted_linear,
+            "dense_convs": inv.dense_convs,
+            "conv_params": inv.conv_params,
+        }
+    return out
 
 
 def load_calibration(adapter_cls, config: CompressionConfig):

@@ -53,6 +53,8 @@ class CompressionReport:
     calibration: dict[str, Any] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)
+    #: per tower: linear params, targeted share, layers kept dense (untargeted linears, convolutions)
+    coverage: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     # ------------------------------------------------------------------ totals
     def group_totals(self) -> dict[str, dict[str, Any]]:
@@ -116,6 +118,7 @@ class CompressionReport:
             "n_layers_dense": len(self.dense_layers),
             "calibration": self.calibration,
             "seconds": self.seconds,
+            "coverage": self.coverage,
         }
 
     # ------------------------------------------------------------------ serialisation
@@ -207,5 +210,10 @@ class CompressionReport:
         if skipped:
             lines.append(
                 f"calibration       : {skipped} unreadable image(s) skipped (first: {self.calibration.get('first_skipped_image')})"
+            )
+        for group, cov in self.coverage.items():
+            convs = f", {len(cov['dense_convs'])} convolutions kept dense" if cov.get("dense_convs") else ""
+            lines.append(
+                f"tower {group:<8}: {100 * cov['targeted_fraction']:.1f}% of {cov['linear_params']:,} linear params targeted{convs}"
             )
         return "\n".join(lines)

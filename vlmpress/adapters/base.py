@@ -102,6 +102,8 @@ class ModelAdapter(ABC):
     groups: ClassVar[tuple[str, ...]]
     #: calibration modality per group: "images", "texts" (captions) or "tokens" (LM text)
     group_modality: ClassVar[dict[str, str]]
+    #: registry precedence when several adapters accept a spec (higher first; see vlmpress.adapters)
+    priority: ClassVar[int] = 0
 
     def __init__(self, model: nn.Module, spec: str):
         self.model = model
@@ -124,8 +126,29 @@ class ModelAdapter(ABC):
 
     @classmethod
     @abstractmethod
-    def build_from_spec_config(cls, config: dict, *, device: str | torch.device = "cpu") -> "ModelAdapter":
-        """Rebuild the (randomly initialised) architecture from :meth:`spec_config` output."""
+    def build_from_spec_config(
+        cls,
+        config: dict,
+        *,
+        device: str | torch.device = "cpu",
+        preprocessing_dir: str | Path | None = None,
+    ) -> "ModelAdapter":
+        """Rebuild the (randomly initialised) architecture from :meth:`spec_config` output.
+
+        ``load_compressed`` calls this with ``preprocessing_dir`` = the checkpoint directory, where
+        :meth:`save_preprocessing` wrote its files (tokenizer, image processor); adapters that need
+        none ignore it. The result must have the layout compressed state dicts use (the pipeline
+        calls :meth:`prepare_for_compression` on it before loading weights).
+        """
+
+    def save_preprocessing(self, out_dir: str | Path) -> None:
+        """Optional hook: write what :meth:`build_from_spec_config` needs besides the weights.
+
+        Called by ``save_compressed`` with the checkpoint directory. The default writes nothing,
+        which is right when :meth:`spec_config` describes preprocessing fully (open_clip); adapters
+        whose tokenizer/processor live in files (transformers) must override it, or checkpoints
+        depend on the original model directory.
+        """
 
     # ------------------------------------------------------------------ compression hooks
     def prepare_for_compression(self) -> None:
@@ -150,7 +173,35 @@ class ModelAdapter(ABC):
 
     @abstractmethod
     def export_dense(self, out_dir: str | Path) -> None:
-        """Write the (already merged, dense) model as a stock checkpoint of its family."""
+        """Write a stock checkpoint of the family (loadable without vlmpress) into ``out_dir``.
+
+        The model may hold ``LowRankLinear`` layers (and split attention): implementations merge
+        them themselves (:func:`vlmpress.adapters.merge.merge_lowrank_layers` on a copy, or
+        re-packing) and must leave the adapter's model compressed. ``out_dir`` exists.
+        """
+
+    def exported_spec(self, out_dir: str | Path) -> str | None:
+        """The model spec that loads :meth:`export_dense` output with the family's stock loader.
+
+        Used by the conformance kit (``vlmpress.testing.check_adapter``); None = not checkable.
+        """
+        return None
+
+    #: tower name -> module-path prefixes (``{"vision": ("visual.",)}``); enables
+    #: :meth:`tower_inventory` (coverage and dense-layer reporting, the "nothing to compress" check)
+    towers: ClassVar[dict[str, tuple[str, ...]]] = {}
+
+    def tower_inventory(self, targets: Sequence[str] | None = None) -> dict:
+        """Per group: linear parameters found, how many ``targets`` cover, convolutions kept dense.
+
+        ``targets`` defaults to :meth:`target_layers`. Empty when the adapter declares no ``towers``.
+        """
+        from vlmpress.adapters.discovery import tower_inventory
+
+        if not self.towers:
+            return {}
+        names = [layer.name for layer in self.target_layers()] if targets is None else list(targets)
+        return tower_inventory(self.model, self.towers, names)
 
     # ------------------------------------------------------------------ conveniences
     @property

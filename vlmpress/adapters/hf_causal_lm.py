@@ -75,6 +75,16 @@ def read_model_config(name: str) -> dict | None:
         return None
 
 
+_VISION_KEYS = ("vision_config", "visual", "vision_tower", "image_size", "mm_vision_tower", "vision_encoder")
+
+
+def has_vision_part(config: dict) -> bool:
+    """True when a transformers config describes an image tower (a VLM or dual encoder, not a pure LM)."""
+    return any(key in config for key in _VISION_KEYS) or any(
+        isinstance(v, dict) and "image_size" in v for v in config.values()
+    )
+
+
 def _is_conv1d(module: nn.Module) -> bool:
     return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
 
@@ -96,20 +106,6 @@ def _resolve_dtype(dtype: Any) -> torch.dtype | str | None:
         if isinstance(value, torch.dtype):
             return value
     raise ConfigError(f"unknown torch_dtype {dtype!r}; use float32, float16, bfloat16 or auto")
-
-
-def _other_adapter_accepts(spec: str, family: str) -> bool:
-    from vlmpress.adapters import get_adapter_class, known_adapters
-
-    for other in known_adapters():
-        if other == family:
-            continue
-        try:
-            if get_adapter_class(other).accepts(spec):
-                return True
-        except Exception:  # another adapter failing to answer must not break this one
-            continue
-    return False
 
 
 class HFCausalLMAdapter(ModelAdapter):
@@ -141,21 +137,17 @@ class HFCausalLMAdapter(ModelAdapter):
 
     @classmethod
     def accepts(cls, spec: str) -> bool:
-        """An ``hf:`` spec whose config names a supported causal LM.
+        """An ``hf:`` spec whose config names a supported causal LM and has no vision part.
 
-        A readable config of an unknown architecture is claimed too when no other adapter takes it
-        (so :meth:`load` can say which architectures are supported).
+        Configs with a vision part (``vision_config``, ``visual``...) belong to vision-language
+        adapters; unsupported architectures are reported by the registry with what is supported.
         """
         if not isinstance(spec, str) or not spec.startswith("hf:") or not spec[3:].strip():
             return False
         config = read_model_config(spec[3:].strip())
-        if config is None:
+        if config is None or has_vision_part(config):
             return False
-        if "vision_config" in config:  # a vision-language model (LLaVA, ...): not a text-only causal LM
-            return False
-        if config.get("model_type") in BLOCK_PATHS:
-            return True
-        return not _other_adapter_accepts(spec, cls.family)
+        return config.get("model_type") in BLOCK_PATHS
 
     @classmethod
     def load(
@@ -181,7 +173,7 @@ class HFCausalLMAdapter(ModelAdapter):
                 f"cannot read a model config for '{spec}': not a local directory with config.json and not in the "
                 "Hugging Face cache (nothing is downloaded here)"
             )
-        if config.get("model_type") not in BLOCK_PATHS:
+        if config.get("model_type") not in BLOCK_PATHS or has_vision_part(config):
             raise UnsupportedArchitectureError(cls._unsupported_message(config.get("model_type"), spec))
         dtype = _resolve_dtype(torch_dtype) or torch.float32
         load_kwargs = dict(kwargs)
@@ -355,4 +347,4 @@ class HFCausalLMAdapter(ModelAdapter):
             self.tokenizer.save_pretrained(str(out_dir))
 
 
-__all__ = ["HFCausalLMAdapter", "SUPPORTED_MODEL_TYPES", "UnsupportedArchitectureError", "read_model_config"]
+__all__ = ["HFCausalLMAdapter", "SUPPORTED_MODEL_TYPES", "has_vision_part", "UnsupportedArchitectureError", "read_model_config"]

@@ -7,10 +7,13 @@ Spec forms (everything after the first ``/`` is open_clip's ``pretrained`` value
 * ``open_clip:ViT-B-16//abs/path/model.safetensors`` -- a local checkpoint file;
 * ``open_clip:hf-hub:org/repo`` and ``open_clip:local-dir:/path`` -- open_clip's own schemas.
 
-Both ``CLIP`` (text blocks at ``transformer.resblocks.*``) and ``CustomTextCLIP`` (``text.transformer.*``)
-are supported. Compression targets are the attention q/k/v/out and MLP c_fc/c_proj linears of every
-``ResidualAttentionBlock`` in both towers, after :meth:`OpenClipAdapter.prepare_for_compression` has
-split the packed ``nn.MultiheadAttention`` layers. Final projections and embeddings are never targets.
+Both ``CLIP`` (text tower at ``transformer.*``) and ``CustomTextCLIP`` (``text.*``, including
+transformers text towers: RoBERTa, XLM-R, MT5, NLLB) are supported, with any vision tower open_clip
+builds: its own ViT, ModifiedResNet (attention pool) or a timm trunk (ViT, EVA, SigLIP, ViTamin, PE,
+Swin, ConvNeXt, FastViT) with attentional poolers and projection heads. Targets are found from the
+module structure (:mod:`vlmpress.adapters.discovery`): every linear layer under ``visual.`` is a
+vision target, every one under ``transformer.``/``text.`` a text target. Convolutions, embeddings
+and parameter-matrix projections (``visual.proj``, ``text_projection``) stay dense.
 """
 
 from __future__ import annotations
@@ -26,12 +29,13 @@ from typing import Any, Callable
 
 import open_clip
 import torch
-from open_clip.transformer import ResidualAttentionBlock
 from torch import nn
 
 from vlmpress.adapters import register_adapter
 from vlmpress.adapters.attention import SplitMultiheadAttention, dense_weight, split_attention_modules
 from vlmpress.adapters.base import TargetLayer, VisionLanguageAdapter
+from vlmpress.adapters.discovery import discover_targets
+from vlmpress.adapters.module_calls import prepare_module_calls
 from vlmpress.errors import CheckpointError, ConfigError, UnknownModelSpecError, VlmpressError
 from vlmpress.resources import project_root
 
@@ -232,54 +236,25 @@ class OpenClipAdapter(VisionLanguageAdapter):
 
     # ------------------------------------------------------------------ compression hooks
     def prepare_for_compression(self) -> None:
-        """Split every packed ``nn.MultiheadAttention`` into q/k/v/out linears (idempotent, exact)."""
+        """Make every tower linear a module call (idempotent, output-preserving; see :func:`target_layers`)."""
         count = split_attention_modules(self.model)
+        count += prepare_module_calls(self.model)
         if count:
-            logger.info("split %d attention module(s) of %s", count, self.model_name)
+            logger.info("prepared %d attention module(s) of %s for compression", count, self.model_name)
 
-    def _blocks(self) -> list[tuple[str, str, ResidualAttentionBlock]]:
-        blocks = []
-        for name, module in self.model.named_modules():
-            if not isinstance(module, ResidualAttentionBlock):
-                continue
-            if name.startswith("visual."):
-                group = "vision"
-            elif name.startswith(("transformer.", "text.")):
-                group = "text"
-            else:  # e.g. CoCa's multimodal decoder: not a tower of the contrastive model
-                continue
-            blocks.append((name, group, module))
-        return blocks
+    #: module-path prefixes of each tower (CoCa's multimodal ``text_decoder`` is no contrastive tower)
+    towers = {"vision": ("visual.",), "text": ("transformer.", "text.")}
 
     def target_layers(self) -> list[TargetLayer]:
-        """q/k/v/out (``attn``) and c_fc/c_proj (``mlp``) of every tower block, vision first.
+        """Every linear layer of both towers, whatever built them (see :mod:`vlmpress.adapters.discovery`).
 
-        Calls :meth:`prepare_for_compression` first (idempotent). Towers built from other
-        libraries (timm vision, HF text) have no ``ResidualAttentionBlock`` and yield no targets.
+        Calls :meth:`prepare_for_compression` first (idempotent): packed ``nn.MultiheadAttention``
+        is split into q/k/v/out linears, ModifiedResNet's attention pool and EVA attention with
+        separate q/v biases are switched to forwards that call their linears as modules. timm's
+        packed ``attn.qkv`` stays one layer (factorised with its shared input).
         """
         self.prepare_for_compression()
-        layers: list[TargetLayer] = []
-        blocks = self._blocks()
-        for group in self.groups:
-            for name, block_group, block in blocks:
-                if block_group != group:
-                    continue
-                attn = block.attn
-                if isinstance(attn, SplitMultiheadAttention):
-                    for proj in ("q_proj", "k_proj", "v_proj", "out_proj"):
-                        layer = getattr(attn, proj)
-                        if isinstance(layer, nn.Linear):
-                            layers.append(TargetLayer(f"{name}.attn.{proj}", group, "attn", layer))
-                for proj in ("c_fc", "c_proj"):
-                    layer = getattr(block.mlp, proj, None)
-                    if isinstance(layer, nn.Linear):
-                        layers.append(TargetLayer(f"{name}.mlp.{proj}", group, "mlp", layer))
-        for group in self.groups:
-            if not any(layer.group == group for layer in layers):
-                logger.warning(
-                    "open_clip model %s: no compressible layers found in the %s tower", self.model_name, group
-                )
-        return layers
+        return discover_targets(self.model, self.towers)
 
     def text_valid_mask(self, tokens: torch.Tensor) -> torch.Tensor | None:
         """(batch, seq) bool mask of text positions that can influence the pooled text embedding.
@@ -363,6 +338,9 @@ class OpenClipAdapter(VisionLanguageAdapter):
         payload = {"model_cfg": config["model_cfg"], "preprocess_cfg": config["preprocess_cfg"]}
         (out / CONFIG_FILE).write_text(json.dumps(payload, indent=2), encoding="utf-8")
         logger.info("exported dense open_clip checkpoint to %s", out)
+
+    def exported_spec(self, out_dir: str | Path) -> str:
+        return f"{PREFIX}local-dir:{Path(out_dir).resolve()}"
 
     # ------------------------------------------------------------------ inference
     def tokenize(self, texts: Sequence[str]) -> torch.Tensor:

@@ -131,6 +131,8 @@ class CovarianceCollector:
             keep = mask.mT.reshape(-1)
         elif len(lead) == 1 and mask.numel() == lead[0]:  # tokens flattened row-major (OPT's MLP: (b*s, d))
             keep = mask.reshape(-1)
+        elif mask.dim() == 2 and lead in ((mask.shape[0],), (mask.shape[0], 1), (1, mask.shape[0])):
+            return flat  # one pooled row per sample (projection heads after pooling): every row is real
         else:
             raise CalibrationError(
                 f"calibration mask of shape {tuple(mask.shape)} does not match the input of layer '{name}' "
