@@ -128,8 +128,12 @@ def check_groups_have_targets(
             else f"a ratio ({config.ratio})" if config.ratio is not None
             else f"part of the target reduction ({config.target_reduction})"
         )
+        # a group the adapter keeps dense by default (e.g. a VLM's projector) is not given a global setting
+        default_kept = select_targets(candidates, None, list(getattr(adapter, "default_exclude", ())))
         for group in adapter.groups:
-            given.setdefault(group, what)
+            dense_by_default = any(l.group == group for l in candidates) and not any(l.group == group for l in default_kept)
+            if not dense_by_default:
+                given.setdefault(group, what)
     kinds = {layer.kind for layer in candidates} | {"attn", "mlp"}
     for key, what in given.items():
         if key in adapter.groups:
