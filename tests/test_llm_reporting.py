@@ -30,3 +30,19 @@ def test_default_seq_len_capped_and_results_carry_run_identity(tmp_path, capsys)
     rec = json.loads((res / "results.jsonl").read_text().splitlines()[0])
     assert rec["seq_len"] == 48 and rec["label"] == "seq-orig"
     assert rec["mode"] == "sequential" and rec["propagation"] == "original"
+
+
+def test_plain_svd_reports_activation_error_when_given_data(tmp_path):
+    """SVD needs no data; given calibration data, its activation error is measured, like the other methods."""
+    import vlmpress
+
+    model = save_tiny_causal_lm(tmp_path / "llama", "llama", seed=4, layers=2)
+    text = tmp_path / "t.txt"
+    text.write_text(TINY_TEXT)
+    for mode in ("whole", "sequential"):
+        adapter, report = vlmpress.compress_model(f"hf:{model}", method="svd", ratio=0.5, calib_text=str(text),
+                                                  n_samples=2, seq_len=16, device="cpu", mode=mode)
+        errors = [l.act_error for l in report.layers if l.rank is not None]
+        assert errors and all(e is not None and 0 < e < 1 for e in errors), mode
+    _, data_free = vlmpress.compress_model(f"hf:{model}", method="svd", ratio=0.5, device="cpu")
+    assert all(l.act_error is None for l in data_free.layers)  # no data, no claim
