@@ -46,3 +46,22 @@ def test_plain_svd_reports_activation_error_when_given_data(tmp_path):
         assert errors and all(e is not None and 0 < e < 1 for e in errors), mode
     _, data_free = vlmpress.compress_model(f"hf:{model}", method="svd", ratio=0.5, device="cpu")
     assert all(l.act_error is None for l in data_free.layers)  # no data, no claim
+
+
+def test_one_calibration_window_per_document(tmp_path):
+    from vlmpress.adapters.hf_causal_lm import HFCausalLMAdapter
+    from vlmpress.config import CompressionConfig
+    from vlmpress.data.text_calibration import tokenize_text
+
+    model = save_tiny_causal_lm(tmp_path / "llama", "llama", seed=5, layers=1)
+    docs = ["the quick brown fox jumps over the lazy dog " * 3, "a second document about models", "third one here"]
+    text = tmp_path / "docs.txt"
+    text.write_text("\n\n".join(docs) + "\n")
+    cfg = CompressionConfig(model=f"hf:{model}", calib_text=str(text), n_samples=5, seq_len=12, calib_windows="document", eps=0.5)
+    calib = HFCausalLMAdapter.load_calibration(cfg.validate())
+    tok = HFCausalLMAdapter._load_tokenizer(str(model))
+    expected = [tokenize_text(tok, d.strip())[:12] for d in docs]
+    assert len(calib.windows) == 3  # every document once, never more windows than documents
+    for window, want in zip(calib.windows, expected):
+        assert window.tolist() == want.tolist()  # a document's own prefix: no boundary crossed
+    assert calib.describe()["windows"] == "document" and calib.describe()["documents"] == 3
