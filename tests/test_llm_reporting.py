@@ -65,3 +65,18 @@ def test_one_calibration_window_per_document(tmp_path):
     for window, want in zip(calib.windows, expected):
         assert window.tolist() == want.tolist()  # a document's own prefix: no boundary crossed
     assert calib.describe()["windows"] == "document" and calib.describe()["documents"] == 3
+
+
+def test_quiet_summary_shows_every_tolerance_and_no_layer_table(tmp_path, capsys):
+    model = save_tiny_causal_lm(tmp_path / "llama", "llama", seed=6, layers=2)
+    text = tmp_path / "t.txt"
+    text.write_text(TINY_TEXT)
+    argv = ["compress", "--model", f"hf:{model}", "--calib-text", str(text), "--eps-attn", "0.3", "--eps-mlp", "0.45",
+            "--als-iters", "1", "--n-samples", "2", "--seq-len", "16", "--device", "cpu"]
+    assert main([*argv, "--out", str(tmp_path / "a"), "-q"]) == 0
+    quiet = capsys.readouterr().out
+    assert "eps attn=0.3000, mlp=0.4500" in quiet  # both tolerances, not just one
+    assert "model.layers.0.self_attn.q_proj" not in quiet  # -q: no per-layer table
+    assert main([*argv, "--out", str(tmp_path / "b")]) == 0
+    full = capsys.readouterr().out
+    assert "model.layers.0.self_attn.q_proj " in full  # full names, never cut from the left

@@ -125,7 +125,7 @@ def _images_for(ds, adapter, args):
 def _fmt(rec) -> str:
     m = rec.metrics
     return (
-        f"{rec.model[-40:]:<40} {rec.dataset[-16:]:<16} {rec.n_images:>6} "
+        f"{rec.model:<40} {rec.dataset:<16} {rec.n_images:>6} "  # long names widen the line, never cut
         f"{100 * m['top1']:>6.2f} ±{100 * rec.top1_stderr:<5.2f} {100 * m['top5']:>6.2f} "
         f"{100 * m['mean_per_class_recall']:>6.2f} {rec.seconds:>7.1f}  {rec.split}"
     )
