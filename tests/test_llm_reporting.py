@@ -80,3 +80,17 @@ def test_quiet_summary_shows_every_tolerance_and_no_layer_table(tmp_path, capsys
     assert main([*argv, "--out", str(tmp_path / "b")]) == 0
     full = capsys.readouterr().out
     assert "model.layers.0.self_attn.q_proj " in full  # full names, never cut from the left
+
+
+def test_no_progress_silences_compress_bars(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("TQDM_DISABLE", raising=False)
+    monkeypatch.delenv("HF_HUB_DISABLE_PROGRESS_BARS", raising=False)
+    model = save_tiny_causal_lm(tmp_path / "llama", "llama", seed=7, layers=1)
+    text = tmp_path / "t.txt"
+    text.write_text(TINY_TEXT)
+    capsys.readouterr()
+    assert main(["compress", "--model", f"hf:{model}", "--calib-text", str(text), "--eps", "0.5", "--als-iters", "1",
+                 "--n-samples", "2", "--seq-len", "16", "--device", "cpu", "--out", str(tmp_path / "o"), "-q",
+                 "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert "it/s]" not in err and "layer/s]" not in err and "batch/s]" not in err, err

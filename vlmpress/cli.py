@@ -7,6 +7,7 @@ User errors (:class:`~vlmpress.errors.VlmpressError`) become a one-line message 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import logging
 import sys
@@ -46,8 +47,47 @@ def build_parser() -> argparse.ArgumentParser:
         cmd.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS, help="more logging")
         cmd.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help="warnings only")
         module.add_arguments(cmd)
+        if "--no-progress" not in cmd._option_string_actions:  # every command can run without bars
+            cmd.add_argument("--no-progress", action="store_true", help="no progress bars")
         cmd.set_defaults(_run=module.run)
     return parser
+
+
+@contextlib.contextmanager
+def progress_bars_disabled():
+    """Silence every progress bar for the duration: vlmpress's (tqdm) and its libraries'.
+
+    tqdm reads ``TQDM_DISABLE`` only at import, so its default is switched here instead (explicit
+    ``disable=`` arguments still win); Hugging Face libraries have their own switches.
+    """
+    import functools
+    import os
+
+    from tqdm import std
+
+    original = std.tqdm.__init__
+    saved_env = os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS")
+    std.tqdm.__init__ = functools.partialmethod(original, disable=True)
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+    toggles = []
+    for module, off, on in (("transformers.utils.logging", "disable_progress_bar", "enable_progress_bar"),
+                            ("datasets", "disable_progress_bars", "enable_progress_bars")):
+        try:
+            mod = importlib.import_module(module)
+            getattr(mod, off)()
+            toggles.append(getattr(mod, on))
+        except (ImportError, AttributeError):  # pragma: no cover - optional
+            pass
+    try:
+        yield
+    finally:
+        std.tqdm.__init__ = original
+        if saved_env is None:
+            os.environ.pop("HF_HUB_DISABLE_PROGRESS_BARS", None)
+        else:
+            os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = saved_env
+        for on in toggles:
+            on()
 
 
 def _configure_logging(verbose: int, quiet: bool) -> None:
@@ -67,8 +107,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     _configure_logging(args.verbose, args.quiet)
+    bars = progress_bars_disabled() if getattr(args, "no_progress", False) else contextlib.nullcontext()
     try:
-        return int(args._run(args) or 0)
+        with bars:
+            return int(args._run(args) or 0)
     except VlmpressError as err:
         print(f"vlmpress {args.command}: error: {_one_line(err)}", file=sys.stderr)
         return 2
