@@ -94,3 +94,17 @@ def test_no_progress_silences_compress_bars(tmp_path, capsys, monkeypatch):
                  "--no-progress"]) == 0
     err = capsys.readouterr().err
     assert "it/s]" not in err and "layer/s]" not in err and "batch/s]" not in err, err
+
+
+def test_progress_bars_disabled_overrides_explicit_disable_false(capsys):
+    from tqdm.auto import tqdm
+
+    from vlmpress.cli import progress_bars_disabled
+
+    with progress_bars_disabled():
+        for _ in tqdm(range(3), desc="forced-off", disable=False):
+            pass
+    assert "forced-off" not in capsys.readouterr().err
+    for _ in tqdm(range(3), desc="back-on", disable=False, mininterval=0):  # restored afterwards
+        pass
+    assert "back-on" in capsys.readouterr().err

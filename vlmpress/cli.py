@@ -57,8 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
 def progress_bars_disabled():
     """Silence every progress bar for the duration: vlmpress's (tqdm) and its libraries'.
 
-    tqdm reads ``TQDM_DISABLE`` only at import, so its default is switched here instead (explicit
-    ``disable=`` arguments still win); Hugging Face libraries have their own switches.
+    tqdm reads ``TQDM_DISABLE`` only at import, so every tqdm is forced off here instead (even one
+    created with an explicit ``disable=False``); Hugging Face libraries have their own switches.
     """
     import functools
     import os
@@ -66,8 +66,14 @@ def progress_bars_disabled():
     from tqdm import std
 
     original = std.tqdm.__init__
+
+    @functools.wraps(original)
+    def silent_init(self, *args, **kwargs):
+        kwargs["disable"] = True
+        original(self, *args, **kwargs)
+
     saved_env = os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS")
-    std.tqdm.__init__ = functools.partialmethod(original, disable=True)
+    std.tqdm.__init__ = silent_init
     os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
     toggles = []
     for module, off, on in (("transformers.utils.logging", "disable_progress_bar", "enable_progress_bar"),
@@ -81,13 +87,17 @@ def progress_bars_disabled():
     try:
         yield
     finally:
+        import warnings
+
         std.tqdm.__init__ = original
         if saved_env is None:
             os.environ.pop("HF_HUB_DISABLE_PROGRESS_BARS", None)
         else:
             os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = saved_env
-        for on in toggles:
-            on()
+        with warnings.catch_warnings():  # the hub warns when its env switch still says "off"
+            warnings.simplefilter("ignore")
+            for on in toggles:
+                on()
 
 
 def _configure_logging(verbose: int, quiet: bool) -> None:
