@@ -74,12 +74,13 @@ def test_stale_temporaries_of_dead_processes_are_cleaned(tmp_path):
     dead.join()
     stale = tmp_path / f".ck.vlmpress-{dead.pid}.abc.tmp"
     live = tmp_path / f".ck.vlmpress-{os.getpid()}.def.tmp"  # a save in progress elsewhere: kept
-    legacy = tmp_path / ".ck.k2j3.tmp"
-    for d in (stale, live, legacy):
+    legacy = tmp_path / ".ck.k2j3x9ab.tmp"
+    neighbour = tmp_path / ".ck.v2.vlmpress-1.abc.tmp"  # another checkpoint's temporary: not ours
+    for d in (stale, live, legacy, neighbour):
         d.mkdir()
         (d / "model.safetensors").write_bytes(b"partial")
     save_compressed(adapter, out, report)
-    assert not stale.exists() and not legacy.exists() and live.exists()
+    assert not stale.exists() and not legacy.exists() and live.exists() and neighbour.exists()
 
 
 def _save_forever(out: str, seed: int) -> None:  # runs in a forked child until killed

@@ -75,3 +75,14 @@ def test_killed_sequential_run_resumes_to_identical_checkpoint(llm, tmp_path, pr
     rb = json.loads((out / "compression_report.json").read_text())["layers"]
     strip = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
     assert strip(ra) == strip(rb)
+
+
+def test_state_without_finished_blocks_is_not_in_the_way(llm, tmp_path):
+    """A run killed before its first block finished left nothing worth keeping: a plain rerun starts over."""
+    model, text = llm
+    out = tmp_path / "ck"
+    state = state_dir_for(out)
+    state.mkdir()
+    (state / "manifest.json").write_text(json.dumps({"fingerprint": "old", "model_spec": "x", "n_blocks": 4}))
+    assert main(_argv(model, text, out, "compressed")) == 0
+    assert out.is_dir() and not state.exists()

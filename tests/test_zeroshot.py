@@ -132,7 +132,7 @@ def test_cached_pixels_give_identical_metrics_and_check_preprocessing(tmp_path, 
     adapter = ColorAdapter(noise=2.0)  # noisy prompts: accuracy below 1, so equality is informative
     direct = evaluate_zeroshot(adapter, ds, batch_size=2, show_progress=False)
     cached = preprocess_images(ds, adapter.preprocess, batch_size=4)
-    assert cached.pixels.dtype == torch.float16 and len(cached) == 6 and cached.labels.tolist() == ds.labels
+    assert cached.pixels.dtype == torch.float32 and len(cached) == 6 and cached.labels.tolist() == ds.labels
     path = cached.save(tmp_path / "cache" / "colors.pt")
     loaded = PreprocessedImages.load(path)
     for data in (cached, loaded):

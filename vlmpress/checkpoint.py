@@ -257,12 +257,13 @@ def clean_stale_temporaries(out: Path) -> list[Path]:
     """Remove temporary directories left next to ``out`` by saves whose process no longer runs."""
     removed = []
     pattern = re.compile(re.escape(_temp_prefix(out)) + r"(\d+)\.[^/]*\.tmp$")
-    legacy = re.compile(re.escape(f".{out.name}.") + r"(old|[^/]*\.tmp)$")  # earlier vlmpress versions
+    # earlier vlmpress versions: mkdtemp(prefix=".NAME.", suffix=".tmp") (8 random characters) and ".NAME.old"
+    legacy = re.compile(re.escape(f".{out.name}.") + r"(old|[a-z0-9_]{8}\.tmp)$")
     if not out.parent.is_dir():
         return removed
     for entry in out.parent.iterdir():
         match = pattern.match(entry.name)
-        stale = (match and not _pid_alive(int(match.group(1)))) or (not match and legacy.match(entry.name) and entry.name.startswith(f".{out.name}."))
+        stale = (match and not _pid_alive(int(match.group(1)))) or (not match and legacy.match(entry.name))
         if stale and entry.is_dir() and not entry.is_symlink():
             if not out.exists() and (entry / CONFIG_NAME).is_file() and entry.name.endswith(".old"):
                 os.replace(entry, out)  # a legacy two-rename save was killed between its renames

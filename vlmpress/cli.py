@@ -7,6 +7,7 @@ User errors (:class:`~vlmpress.errors.VlmpressError`) become a one-line message 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import logging
 import sys
@@ -50,8 +51,57 @@ def build_parser() -> argparse.ArgumentParser:
             "--adapter", metavar="NAME", default=argparse.SUPPRESS,
             help="adapter family to use when several accept the model spec (built-in or installed plugin)",
         )
+        if "--no-progress" not in cmd._option_string_actions:  # every command can run without bars
+            cmd.add_argument("--no-progress", action="store_true", help="no progress bars")
         cmd.set_defaults(_run=module.run)
     return parser
+
+
+@contextlib.contextmanager
+def progress_bars_disabled():
+    """Silence every progress bar for the duration: vlmpress's (tqdm) and its libraries'.
+
+    tqdm reads ``TQDM_DISABLE`` only at import, so every tqdm is forced off here instead (even one
+    created with an explicit ``disable=False``); Hugging Face libraries have their own switches.
+    """
+    import functools
+    import os
+
+    from tqdm import std
+
+    original = std.tqdm.__init__
+
+    @functools.wraps(original)
+    def silent_init(self, *args, **kwargs):
+        kwargs["disable"] = True
+        original(self, *args, **kwargs)
+
+    saved_env = os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS")
+    std.tqdm.__init__ = silent_init
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+    toggles = []
+    for module, off, on in (("transformers.utils.logging", "disable_progress_bar", "enable_progress_bar"),
+                            ("datasets", "disable_progress_bars", "enable_progress_bars")):
+        try:
+            mod = importlib.import_module(module)
+            getattr(mod, off)()
+            toggles.append(getattr(mod, on))
+        except (ImportError, AttributeError):  # pragma: no cover - optional
+            pass
+    try:
+        yield
+    finally:
+        import warnings
+
+        std.tqdm.__init__ = original
+        if saved_env is None:
+            os.environ.pop("HF_HUB_DISABLE_PROGRESS_BARS", None)
+        else:
+            os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = saved_env
+        with warnings.catch_warnings():  # the hub warns when its env switch still says "off"
+            warnings.simplefilter("ignore")
+            for on in toggles:
+                on()
 
 
 def _configure_logging(verbose: int, quiet: bool) -> None:
@@ -71,10 +121,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     _configure_logging(args.verbose, args.quiet)
+    bars = progress_bars_disabled() if getattr(args, "no_progress", False) else contextlib.nullcontext()
     try:
         from vlmpress.adapters import use_adapter
 
-        with use_adapter(getattr(args, "adapter", None)):
+        with bars, use_adapter(getattr(args, "adapter", None)):
             return int(args._run(args) or 0)
     except VlmpressError as err:
         print(f"vlmpress {args.command}: error: {_one_line(err)}", file=sys.stderr)

@@ -360,7 +360,9 @@ def compress(
     )
 
     t0 = time.perf_counter()
-    if config.needs_activations and compressible:
+    # plain SVD needs no data, but with calibration data its activation error is measured and reported
+    measure = config.needs_activations or calibration is not None or collectors is not None
+    if measure and compressible:
         if collectors is None:
             if calibration is None:
                 raise CalibrationError(f"method {config.method} needs calibration data (images and captions)")
@@ -380,7 +382,7 @@ def compress(
         rank = ranks[plan.name]
         tol = used_tolerances[tolerance_key(plan, used_tolerances)] if used_tolerances else None
         M, tokens = None, None
-        if config.needs_activations:
+        if collectors is not None:
             collector = collectors[layer.group]
             M = collector.covariance(layer.name)
             tokens = collector.token_count(layer.name)
@@ -467,8 +469,9 @@ def load_calibration(adapter_cls, config: CompressionConfig):
     Vision-language families get images + captions; families that calibrate on token windows
     (LLMs) provide ``load_calibration(config)`` themselves.
     """
-    if not config.needs_activations:
-        return None
+    names_data = any(getattr(config, k) for k in ("calib_images", "calib_captions", "calib_text"))
+    if not config.needs_activations and not names_data:
+        return None  # data-free (plain SVD); given data, its activation error is measured
     modalities = set(adapter_cls.group_modality.values())
     if "tokens" in modalities:
         return adapter_cls.load_calibration(config)  # type: ignore[attr-defined]

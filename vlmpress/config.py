@@ -114,6 +114,7 @@ class CompressionConfig:
     n_captions: int = 256
     n_samples: int = 256  # LLMs: number of token windows
     seq_len: int | None = None  # LLMs: window length; None = min(2048, the model's maximum positions)
+    calib_windows: str = "random"  # LLMs: random offsets in one token stream, or "document": one window per document
     batch_size: int = 32
     num_workers: int = 0
     data_root: str | None = None
@@ -216,6 +217,8 @@ class CompressionConfig:
             raise ConfigError(f"accumulate_dtype must be float32 or float64, got '{self.accumulate_dtype}'")
         if self.torch_dtype not in (None, "float32", "bfloat16", "float16", "auto"):
             raise ConfigError(f"torch_dtype must be float32, bfloat16, float16 or auto, got '{self.torch_dtype}'")
+        if self.calib_windows not in ("random", "document"):
+            raise ConfigError(f"calib_windows must be 'random' or 'document', got '{self.calib_windows}'")
         if self.mode not in ("whole", "sequential"):
             raise ConfigError(f"mode must be 'whole' or 'sequential', got '{self.mode}'")
         if self.propagate not in ("original", "compressed"):

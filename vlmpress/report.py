@@ -119,7 +119,38 @@ class CompressionReport:
             "calibration": self.calibration,
             "seconds": self.seconds,
             "coverage": self.coverage,
+            "bound_hits": self.bound_hits(),
         }
+
+    def bound_hits(self) -> list[str]:
+        """Where what ran differs from what was asked: a tolerance at a bound (0 or the cap 1),
+        a fixed tolerance split distorted by the cap, a target reduction not met.
+
+        A tolerance at 1 gives its layers rank 1, so a requested split like 1:1.5 silently becomes
+        another one; suites flag such rows in their tables and logs.
+        """
+        hits = []
+        for key, eps in sorted(self.tolerances.items()):
+            name = "eps" if key == "*" else f"eps_{key}"
+            if eps >= 1.0 - 1e-9:
+                hits.append(f"{name} hit its cap 1.0 (those layers got the smallest rank)")
+            elif eps <= 0.0:
+                hits.append(f"{name} is 0 (those layers stay exact/dense)")
+        proportion = (self.config or {}).get("eps_proportion") or {}
+        if self.allocation == "proportion" and len(self.tolerances) > 1 and proportion:
+            keys = [k for k in self.tolerances if k in proportion]
+            if len(keys) > 1:
+                want = [proportion[k] / proportion[keys[0]] for k in keys]
+                got = [self.tolerances[k] / self.tolerances[keys[0]] if self.tolerances[keys[0]] else float("inf") for k in keys]
+                if any(abs(w - g) > 1e-6 * max(1.0, abs(w)) for w, g in zip(want, got)):
+                    ran = ":".join(f"{self.tolerances[k]:.3g}" for k in keys)
+                    asked = ":".join(f"{proportion[k]:.3g}" for k in keys)
+                    hits.append(f"ran eps {'/'.join(keys)} = {ran}, not the requested proportion {asked}")
+        if self.target_reduction is not None and abs(self.targeted_reduction - self.target_reduction) > 0.005:
+            hits.append(
+                f"reached {100 * self.targeted_reduction:.1f}% reduction, not the {100 * self.target_reduction:.1f}% target"
+            )
+        return hits
 
     # ------------------------------------------------------------------ serialisation
     def to_dict(self) -> dict[str, Any]:
@@ -206,6 +237,8 @@ class CompressionReport:
         )
         if self.dense_layers:
             lines.append(f"kept dense        : {len(self.dense_layers)} layers whose rank would not save parameters")
+        for hit in self.bound_hits():
+            lines.append(f"WARNING           : {hit}")
         skipped = (self.calibration or {}).get("skipped_images")
         if skipped:
             lines.append(

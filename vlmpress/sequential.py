@@ -396,7 +396,7 @@ def compress_sequential(
     # 2. catch the first block's inputs and every block's kwargs
     t0 = time.perf_counter()
     captured: BlockInputs | None = None
-    needs_data = config.needs_activations and bool(compressible)
+    needs_data = (config.needs_activations or calibration is not None) and bool(compressible)  # svd: measured error
     if needs_data:
         if calibration is None:
             raise CalibrationError(f"method {config.method} needs calibration text (--calib-text)")

@@ -63,6 +63,9 @@ class SequentialState:
             except json.JSONDecodeError:
                 old = {}
             done = cls(directory, fp).done_blocks()
+            if not resume and not done:  # nothing finished: nothing to lose, start over
+                shutil.rmtree(directory, ignore_errors=True)
+                return cls.open(directory, model_spec, config_dict, n_blocks, resume=False)
             if not resume:
                 raise ConfigError(
                     f"an interrupted sequential run left its progress in {directory} ({len(done)}/{n_blocks} blocks done); "

@@ -67,18 +67,25 @@ class SuiteConfig:
     device: str = "auto"
     seed: int = 0
     out: str = "runs/suite"
+    source_dir: str | None = None  # directory of the suite file: relative paths in it resolve from there
 
     @classmethod
     def from_yaml(cls, path: str | Path, **overrides: Any) -> "SuiteConfig":
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"suite file not found: {path}")
-        data = yaml.safe_load(path.read_text()) or {}
-        known = {f.name for f in dataclasses.fields(cls)}
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except (yaml.YAMLError, UnicodeDecodeError) as err:
+            raise ConfigError(f"suite file {path} is not valid UTF-8 YAML: {str(err).splitlines()[0]}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"suite file {path} must hold a mapping of keys to values")
+        known = {f.name for f in dataclasses.fields(cls)} - {"source_dir"}
         unknown = sorted(set(data) - known)
         if unknown:
             raise ConfigError(f"unknown suite keys in {path}: {', '.join(unknown)}; known: {', '.join(sorted(known))}")
         data.update({k: v for k, v in overrides.items() if v is not None})
+        data["source_dir"] = str(path.resolve().parent)
         return cls(**data)
 
     def variants(self) -> list[tuple[str, float, str]]:
@@ -113,21 +120,74 @@ def load_suite_model(cfg: SuiteConfig, *, quick: bool = False, device="cpu"):
     return load_model(cfg.model, device=device)
 
 
-def load_eval_images(cfg: SuiteConfig, adapter, dataset: str):
-    """Preprocessed test images (a :class:`PreprocessedImages`) of one evaluation dataset."""
-    from vlmpress.evaluation.zeroshot import PreprocessedImages, preprocess_fingerprint, preprocess_images
+def _existing(candidates: list[Path]) -> Path | None:
+    return next((c for c in candidates if c.exists()), None)
 
+
+def resolve_suite_paths(cfg: SuiteConfig) -> SuiteConfig:
+    """Absolute ``data_root`` / ``split_file``, independent of the current directory.
+
+    A relative ``data_root`` is taken from the suite file's directory; a relative ``split_file``
+    from the data root, ``$VLMPRESS_DATA`` or the suite file's directory (first that exists).
+    Missing paths fail here, before any model is loaded or trained.
+    """
+    import os
+
+    from vlmpress.errors import DatasetError
+
+    base = Path(cfg.source_dir) if cfg.source_dir else Path.cwd()
+    out = dataclasses.replace(cfg)
+    if cfg.data_root:
+        root = Path(cfg.data_root).expanduser()
+        if not root.is_absolute():
+            root = _existing([base / root, Path.cwd() / root]) or base / root
+        if not root.is_dir():
+            raise DatasetError(f"suite data_root {cfg.data_root} not found (looked at {root}); pass --data-root DIR")
+        out.data_root = str(root.resolve())
+    if cfg.split_file:
+        path = Path(cfg.split_file).expanduser()
+        if path.is_absolute():
+            candidates = [path]
+        else:
+            roots = [Path(out.data_root)] if out.data_root else []
+            if os.environ.get("VLMPRESS_DATA"):
+                roots.append(Path(os.environ["VLMPRESS_DATA"]))
+            candidates = [r / path for r in roots] + [base / path]
+        found = _existing(candidates)
+        if found is None:
+            raise DatasetError(
+                f"suite split_file {cfg.split_file} not found at {', '.join(str(c) for c in candidates)}; "
+                "pass --data-root (the directory holding the datasets) or set VLMPRESS_DATA"
+            )
+        out.split_file = str(found.resolve())
+    return out
+
+
+def prepare_eval_data(cfg: SuiteConfig, dataset: str):
+    """The evaluation split of ``dataset`` as files and labels (checked before any model loads)."""
     name = _reference_name(dataset)
     if name is None:
         from vlmpress.data.datasets import build_dataset
 
-        ds = build_dataset(
+        return build_dataset(
             dataset, "test", cfg.data_root, split_file=cfg.split_file, seed=cfg.seed, templates=cfg.templates, limit=cfg.limit
         )
-        return preprocess_images(ds, adapter.preprocess, batch_size=cfg.eval_batch_size, show_progress=True)
-    from vlmpress.reference import dataset_text, reference_dataset
+    from vlmpress.reference import reference_dataset
 
-    images, labels, classnames = reference_dataset(name, "test", data_root=cfg.data_root)
+    return reference_dataset(name, "test", data_root=cfg.data_root)
+
+
+def load_eval_images(cfg: SuiteConfig, adapter, dataset: str, prepared: Any = None):
+    """Preprocessed test images (a :class:`PreprocessedImages`) of one evaluation dataset."""
+    from vlmpress.evaluation.zeroshot import PreprocessedImages, preprocess_fingerprint, preprocess_images
+
+    name = _reference_name(dataset)
+    prepared = prepared if prepared is not None else prepare_eval_data(cfg, dataset)
+    if name is None:
+        return preprocess_images(prepared, adapter.preprocess, batch_size=cfg.eval_batch_size, show_progress=True)
+    from vlmpress.reference import dataset_text
+
+    images, labels, classnames = prepared
     _, templates = dataset_text(name, cfg.data_root)
     ref = getattr(adapter, "reference", None)
     if ref is not None and getattr(ref, "templates", None):
@@ -141,7 +201,7 @@ def load_eval_images(cfg: SuiteConfig, adapter, dataset: str):
         indices = subset_indices(len(labels), cfg.limit)
     pixels = torch.stack([adapter.preprocess(images.image(i) if hasattr(images, "image") else images[i]) for i in tqdm(indices, desc=f"preprocess {name}", leave=False)])
     return PreprocessedImages(
-        pixels=pixels.to(torch.float16),
+        pixels=pixels.to(torch.float32),  # exact: a float16 cache flips borderline predictions
         labels=torch.as_tensor([int(labels[i]) for i in indices]),
         preprocess_id=preprocess_fingerprint(adapter.preprocess),
         dataset=dataset,
@@ -250,11 +310,15 @@ def run_suite(cfg: SuiteConfig, *, quick: bool = False) -> SuiteResult:
     if jsonl.exists():
         jsonl.replace(out / "results.previous.jsonl")  # a fresh run starts a fresh table
     device = resolve_device(cfg.device)
+    # data first: a missing dataset or split file fails in seconds, not after loading/training a model
+    cfg = resolve_suite_paths(cfg)
+    prepared = {d: prepare_eval_data(cfg, d) for d in cfg.datasets}
+    calib = load_suite_calibration(cfg)
     base = load_suite_model(cfg, quick=quick, device="cpu")
     short = _reference_name(cfg.model) or cfg.model.replace("/", "_")
     logger.info("suite %s: model %s, %d compressed variants", cfg.name, cfg.model, len(cfg.variants()))
-    eval_sets = {d: load_eval_images(cfg, base, d) for d in cfg.datasets}
-    calib = load_suite_calibration(cfg)
+    eval_sets = {d: load_eval_images(cfg, base, d, prepared[d]) for d in cfg.datasets}
+    flagged: list[str] = []
     records = _evaluate(base, eval_sets, cfg, f"{short}:base", "Base", device, out, short)
 
     probe = CompressionConfig(method="pgsvd", eps=0.5, als_iters=cfg.als_iters, batch_size=cfg.batch_size, device=cfg.device, seed=cfg.seed)
@@ -279,6 +343,11 @@ def run_suite(cfg: SuiteConfig, *, quick: bool = False) -> SuiteResult:
         else:
             report = compress(variant, ccfg, calib, collectors=collectors, spectra_cache=spectra)
         seconds_compress = time.perf_counter() - t0
+        run_id = f"{method}-{allocation}-{round(level * 100)}"
+        report.write(out / "reports" / run_id)  # per-layer ranks and errors of every run
+        for hit in report.bound_hits():
+            flagged.append(f"{label} @ {round(100 * level)}%: {hit}")
+            logger.warning("%s @ %.0f%%: %s -- this row is not the requested configuration", label, 100 * level, hit)
         variant.checkpoint_config = {"compression": {**report.summary(), "seconds_compress": seconds_compress}, "method": method}
         new = _evaluate(variant, eval_sets, cfg, f"{short}:{method}-{allocation}-{round(level * 100)}", label, device, out, short)
         records.extend(new)
@@ -305,5 +374,8 @@ def run_suite(cfg: SuiteConfig, *, quick: bool = False) -> SuiteResult:
     if chosen:
         files["rank_plot"] = str(plot_rank_profile(chosen, out / "rank_profile.png", f"per-layer ranks at {round(mid * 100)}% reduction"))
     seconds = time.perf_counter() - t_start
-    atomic_write_json(out / "suite.json", {"config": dataclasses.asdict(cfg), "quick": quick, "seconds": seconds, "files": files})
+    files["reports"] = str(out / "reports")
+    atomic_write_json(out / "suite.json", {
+        "config": dataclasses.asdict(cfg), "quick": quick, "seconds": seconds, "files": files, "flagged": flagged,
+    })
     return SuiteResult(records, table.to_markdown(), out, seconds, files)

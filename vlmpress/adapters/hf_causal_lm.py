@@ -314,6 +314,7 @@ class HFCausalLMAdapter(ModelAdapter):
             seq_len=config.seq_len,
             seed=config.seed,
             max_positions=_max_positions(model_config),
+            windows=getattr(config, "calib_windows", "random"),
         )
 
     # ------------------------------------------------------------------ export

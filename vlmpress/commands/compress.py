@@ -59,7 +59,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     c.add_argument("--n-images", type=int)
     c.add_argument("--n-captions", type=int)
     c.add_argument("--n-samples", type=int, help="LLMs: number of calibration windows")
-    c.add_argument("--seq-len", type=int, help="LLMs: calibration window length")
+    c.add_argument("--seq-len", type=int, help="LLMs: calibration window length (default: min(2048, model positions))")
+    c.add_argument("--calib-windows", choices=["random", "document"],
+                   help="LLMs: windows at random offsets of one token stream (default), or one per document "
+                        "(blocks separated by blank lines; never crossing a document boundary)")
     c.add_argument("--batch-size", type=int)
     c.add_argument("--data-root", help="root of registered datasets (default $VLMPRESS_DATA)")
     c.add_argument("--seed", type=int)
@@ -76,7 +79,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 _FLAG_FIELDS = (
     "model", "method", "eps", "eps_v", "eps_t", "eps_attn", "eps_mlp", "ratio", "target_reduction", "allocation",
     "eps_proportion", "als_iters", "als_tol", "als_max_iters", "rank_multiple", "targets", "exclude", "calib_images", "calib_captions", "calib_split_file", "calib_text", "n_images",
-    "n_captions", "n_samples", "seq_len", "batch_size", "data_root", "seed", "device", "torch_dtype", "device_map", "mode", "propagate",
+    "n_captions", "n_samples", "seq_len", "calib_windows", "batch_size", "data_root", "seed", "device", "torch_dtype", "device_map", "mode", "propagate",
 )
 
 

@@ -57,9 +57,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--length-norm", action="store_true",
                    help="generative VLMs: rank classes by mean per-token caption log-likelihood (default: sum over tokens)")
     p.add_argument("--label", help="row label in reports, e.g. 'PGSVD auto' (default: the method name)")
-    p.add_argument("--cache-dir", help="keep preprocessed test images here (fp16) and reuse them for every "
+    p.add_argument("--cache-dir", help="keep preprocessed test images here (float32) and reuse them for every "
                    "model with the same preprocessing (suites of compressed variants)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--save-predictions", nargs="?", type=int, const=5, metavar="K",
+                   help="also write every image's top-K classes and scores (default K=5) to OUT/predictions/*.jsonl")
     p.add_argument("--no-verify", action="store_true",
                    help="skip the SHA-256 check of compressed checkpoints' files (saves reading huge files twice)")
     from vlmpress.commands.evaluate_lm import add_lm_arguments
@@ -125,7 +127,7 @@ def _images_for(ds, adapter, args):
 def _fmt(rec) -> str:
     m = rec.metrics
     return (
-        f"{rec.model[-40:]:<40} {rec.dataset[-16:]:<16} {rec.n_images:>6} "
+        f"{rec.model:<40} {rec.dataset:<16} {rec.n_images:>6} "  # long names widen the line, never cut
         f"{100 * m['top1']:>6.2f} ±{100 * rec.top1_stderr:<5.2f} {100 * m['top5']:>6.2f} "
         f"{100 * m['mean_per_class_recall']:>6.2f} {rec.seconds:>7.1f}  {rec.split}"
     )
@@ -166,6 +168,8 @@ def _run_zeroshot(args: argparse.Namespace) -> int:
         raise ConfigError(f"--batch-size must be positive, got {args.batch_size}")
     if args.num_workers < 0:
         raise ConfigError(f"--num-workers must be >= 0, got {args.num_workers}")
+    if args.save_predictions is not None and args.save_predictions < 1:
+        raise ConfigError(f"--save-predictions K must be a positive number of classes, got {args.save_predictions}")
     if args.limit is not None and args.limit < 1:
         raise ConfigError(f"--limit must be a positive number of images, got {args.limit}")
     device = resolve_device(args.device)
@@ -194,17 +198,26 @@ def _run_zeroshot(args: argparse.Namespace) -> int:
                 result = evaluate_likelihood(
                     adapter, _images_for(ds, adapter, args), batch_size=args.batch_size, num_workers=args.num_workers,
                     device=device, precision=args.precision, length_normalize=args.length_norm,
-                    show_progress=not args.no_progress,
+                    show_progress=not args.no_progress, top_k_predictions=args.save_predictions or 0,
                 )
             else:
                 result = evaluate_zeroshot(
                     adapter, _images_for(ds, adapter, args), batch_size=args.batch_size, num_workers=args.num_workers,
                     device=device, precision=args.precision, show_progress=not args.no_progress,
+                    top_k_predictions=args.save_predictions or 0,
                 )
             record = make_record(result, model=spec, adapter=adapter, label=args.label, templates=args.templates)
             if generative:
                 record.metrics["caption_perplexity"] = result.caption_perplexity
                 record.metrics["length_normalized"] = float(result.length_normalize)
+            if args.save_predictions:
+                from vlmpress.evaluation.results import _slug
+                from vlmpress.evaluation.zeroshot import write_predictions
+
+                name = f"{_slug(Path(spec).name or spec)}__{_slug(ds.name)}__{_slug(ds.split_id)}.jsonl"
+                pred_path = write_predictions(out / "predictions" / name, result, ds.classnames, ds.relpaths)
+                record.predictions_file = str(pred_path)
+                logger.info("wrote per-image predictions to %s", pred_path)
             path = write_record(record, out)
             records.append(record)
             print(_fmt(record), flush=True)

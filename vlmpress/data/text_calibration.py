@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import random
+import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -185,6 +187,32 @@ def sample_windows(ids: torch.Tensor, n_samples: int, seq_len: int, seed: int = 
     return [ids[s : s + seq_len].clone() for s in starts.tolist()]
 
 
+WINDOW_MODES = ("random", "document")
+
+
+def split_documents(text: str) -> list[str]:
+    """Documents of a text: blocks separated by blank lines (dataset rows are joined that way)."""
+    return [doc.strip() for doc in re.split(r"\n\s*\n", text) if doc.strip()]
+
+
+def document_windows(tokenizer, text: str, n_samples: int, seq_len: int, seed: int = 0) -> tuple[list[torch.Tensor], int]:
+    """One window per document (its first ``seq_len`` tokens; never crossing into the next one).
+
+    ``n_samples`` documents are drawn without replacement (seeded); shorter documents give shorter
+    windows, whose padding is masked out of the covariances. Returns (windows, documents in text).
+    """
+    docs = split_documents(text)
+    if not docs:
+        raise CalibrationError("the calibration text holds no document (blocks separated by blank lines)")
+    chosen = sorted(random.Random(seed).sample(range(len(docs)), min(n_samples, len(docs))))
+    if len(chosen) < n_samples:
+        logger.warning("only %d documents for %d requested windows: using every document once", len(docs), n_samples)
+    windows = [w for w in (tokenize_text(tokenizer, docs[i])[:seq_len] for i in chosen) if w.numel() >= 2]
+    if not windows:
+        raise CalibrationError("every sampled document is shorter than 2 tokens; give longer documents")
+    return windows, len(docs)
+
+
 def build_token_calibration(
     source: str | Path,
     tokenizer,
@@ -194,6 +222,7 @@ def build_token_calibration(
     seed: int = 0,
     split: str = "train",
     max_positions: int | None = None,
+    windows: str = "random",
 ) -> TokenCalibration:
     """Read, tokenise and window a text source for calibration (``seq_len`` None: min(2048, model maximum))."""
     if seq_len is None:
@@ -203,12 +232,21 @@ def build_token_calibration(
             f"seq_len {seq_len} is larger than the model's maximum of {max_positions} positions; "
             f"pass --seq-len {max_positions} or less"
         )
+    if windows not in WINDOW_MODES:
+        raise ConfigError(f"calibration windows must be one of {', '.join(WINDOW_MODES)}, got '{windows}'")
     text = read_text_source(source, split=split)
-    ids = tokenize_text(tokenizer, text.text)
-    windows = sample_windows(ids, n_samples, seq_len, seed)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    logger.info("calibration: %d windows x %d tokens from %s (%d tokens)", len(windows), seq_len, text.describe(), ids.numel())
-    return TokenCalibration(windows, text.describe(), seq_len, int(pad), int(seed), int(ids.numel()))
+    if windows == "document":
+        cut, n_docs = document_windows(tokenizer, text.text, n_samples, seq_len, seed)
+        total = int(sum(w.numel() for w in cut))
+        logger.info("calibration: %d windows (one per document, <= %d tokens) from %s (%d documents)",
+                    len(cut), seq_len, text.describe(), n_docs)
+        return TokenCalibration(cut, text.describe(), seq_len, int(pad), int(seed), total,
+                                extra={"windows": "document", "documents": n_docs})
+    ids = tokenize_text(tokenizer, text.text)
+    cut = sample_windows(ids, n_samples, seq_len, seed)
+    logger.info("calibration: %d windows x %d tokens from %s (%d tokens)", len(cut), seq_len, text.describe(), ids.numel())
+    return TokenCalibration(cut, text.describe(), seq_len, int(pad), int(seed), int(ids.numel()), extra={"windows": "random"})
 
 
 def pad_windows(windows: Sequence[torch.Tensor], pad_token_id: int = 0) -> dict[str, torch.Tensor]:

@@ -165,6 +165,7 @@ def evaluate_likelihood(
     max_sequences: int = DEFAULT_MAX_SEQUENCES,
     use_cache: bool = True,
     show_progress: bool = True,
+    top_k_predictions: int = 0,
 ) -> LikelihoodResult:
     """Zero-shot top-1 / top-5 / mean per-class recall + caption perplexity of a generative VLM on ``data``."""
     if batch_size < 1:
@@ -183,6 +184,8 @@ def evaluate_likelihood(
     n_classes = len(data.classnames)
     score = caption_log_likelihoods if use_cache else full_sequence_log_likelihoods
     acc = MetricAccumulator(n_classes)
+    kept_scores: list[torch.Tensor] = []  # per-image class scores, only for top_k_predictions
+    kept_labels: list[torch.Tensor] = []
     nll, tokens = 0.0, 0
     t0 = time.perf_counter()
     with tqdm(total=len(data), desc=f"eval {name}", unit="img", disable=not show_progress, leave=False) as bar:
@@ -190,7 +193,11 @@ def evaluate_likelihood(
             labels = torch.as_tensor(labels).view(-1)
             with autocast_context(dev, precision):
                 ll, counts = score(adapter, pixels, captions, max_sequences=max_sequences)
-            acc.update(class_scores(ll, counts, n_classes, len(templates), length_normalize).cpu(), labels)
+            per_image = class_scores(ll, counts, n_classes, len(templates), length_normalize).cpu()
+            acc.update(per_image, labels)
+            if top_k_predictions > 0:
+                kept_scores.append(per_image.float())
+                kept_labels.append(labels)
             per_class = ll.float().cpu().view(len(labels), n_classes, len(templates))
             count = counts.view(n_classes, len(templates))
             for i, y in enumerate(labels.tolist()):
@@ -201,7 +208,12 @@ def evaluate_likelihood(
     metrics = acc.compute()
     if metrics.n_nonfinite:
         logger.warning("%s: %d images got non-finite scores (counted as wrong)", name, metrics.n_nonfinite)
+    predictions = None
+    if top_k_predictions > 0:
+        top = torch.cat(kept_scores).topk(min(top_k_predictions, n_classes), dim=-1)
+        predictions = {"labels": torch.cat(kept_labels), "indices": top.indices, "scores": top.values}
     return LikelihoodResult(
+        predictions=predictions,
         metrics=metrics,
         dataset=name,
         split_id=data.split_id,

@@ -88,6 +88,7 @@ class EvalRecord:
     split_detail: dict[str, Any] = field(default_factory=dict)
     compression: dict[str, Any] | None = None
     versions: dict[str, str] = field(default_factory=dict)
+    predictions_file: str | None = None  # per-image top-k (eval --save-predictions)
     timestamp: str = ""
     schema_version: int = SCHEMA_VERSION
 

@@ -164,6 +164,10 @@ def build_table(records: Iterable[EvalRecord], *, datasets: Sequence[str] | None
                 f"{row.display_label} ({rec.model}) was evaluated on {rec.dataset} more than once; the latest record is used"
             )
         chosen[(key, rec.dataset)] = rec
+        hits = (rec.compression or {}).get("bound_hits") or []
+        if hits and not row.label.endswith(" †"):
+            row.label += " †"  # what ran is not what the label says: see the note
+            notes.append(f"† {row.label[:-2]} ({rec.model}): {'; '.join(hits)}")
         row.cells[rec.dataset] = (rec.top1, rec.top5)
         row.stderr[rec.dataset] = rec.top1_stderr
         row.n_images[rec.dataset] = rec.n_images
