@@ -8,8 +8,13 @@ from vlmpress import testing
 
 
 def test_open_clip_vit(tmp_path):
-    info = testing.check_adapter(testing.tiny_open_clip(), tmp_path, fresh_process=True)
+    info = testing.check_adapter(testing.tiny_open_clip(), tmp_path)
     assert info["targets"] == {"vision": 12, "text": 12}
+
+
+@pytest.mark.slow
+def test_open_clip_vit_fresh_process_reload(tmp_path):
+    testing.check_adapter(testing.tiny_open_clip(), tmp_path, fresh_process=True)
 
 
 def test_hf_clip(tmp_path):
@@ -27,3 +32,31 @@ def test_kit_catches_a_broken_adapter(tmp_path):
     adapter.prepare_for_compression = lambda: adapter.model.visual.conv1.weight.data.mul_(2)  # changes outputs
     with pytest.raises(AssertionError, match="prepare_for_compression changed the outputs"):
         testing.check_adapter(adapter, tmp_path)
+
+
+def test_open_clip_modified_resnet(tmp_path):
+    info = testing.check_adapter(testing.tiny_open_clip_resnet(tmp_path / "cfg"), tmp_path / "kit")
+    assert info["targets"]["vision"] == 4  # q/k/v/c_proj of the attention pool
+
+
+@pytest.mark.parametrize("trunk", ["test_vit", "test_convnext"])
+def test_open_clip_timm_trunks(tmp_path, trunk):
+    adapter = testing.tiny_open_clip_timm(tmp_path / "cfg", trunk)
+    names = [layer.name for layer in adapter.target_layers()]
+    if trunk == "test_vit":
+        assert any(n.endswith("attn.qkv") for n in names)  # packed qkv: one target with its shared input
+    testing.check_adapter(adapter, tmp_path / "kit")
+
+
+def test_open_clip_hf_text_tower(tmp_path):
+    adapter = testing.tiny_open_clip_hf_text(tmp_path)
+    info = testing.check_adapter(adapter, tmp_path / "kit")
+    assert info["targets"]["text"] >= 12
+
+
+@pytest.mark.parametrize("kind", ["siglip2", "altclip", "chinese_clip", "blip"])
+def test_hf_dual_encoder_families(tmp_path, kind):
+    adapter = testing.tiny_hf_dual_encoder(kind, tmp_path)
+    assert adapter.family.startswith("hf_")
+    info = testing.check_adapter(adapter, tmp_path / "kit")
+    assert all(count > 0 for count in info["targets"].values())

@@ -289,3 +289,107 @@ def check_adapter(adapter, tmp_dir: str | Path, *, fresh_process: bool = False, 
         stock = type(adapter).load(spec).eval()
         _close(compressed, _outputs(stock, pixels, texts), "export_dense -> stock load changed the outputs")
     return info
+
+
+# ---------------------------------------------------------------------- more tiny families
+_TINY_TEXT_CFG = {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2}  # open_clip BPE
+
+
+def tiny_open_clip_from_cfg(name: str, model_cfg: dict, config_dir: str | Path, seed: int = 0) -> "OpenClipAdapter":
+    """Register ``model_cfg`` as open_clip config ``name`` (a json in ``config_dir``) and load it at random init."""
+    import json
+
+    import open_clip
+
+    from vlmpress.adapters.open_clip import OpenClipAdapter
+
+    config_dir = Path(config_dir)
+    config_dir.mkdir(parents=True, exist_ok=True)
+    (config_dir / f"{name}.json").write_text(json.dumps(model_cfg))
+    open_clip.add_model_config(config_dir)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return OpenClipAdapter.load(f"open_clip:{name}", pretrained_hf=False).eval()
+
+
+def tiny_open_clip_resnet(config_dir: str | Path, seed: int = 0) -> "OpenClipAdapter":
+    """ModifiedResNet vision tower (attention pool) + open_clip text tower."""
+    cfg = {"embed_dim": 16, "vision_cfg": {"layers": [1, 1, 1, 1], "width": 8, "head_width": 64, "image_size": 64},
+           "text_cfg": _TINY_TEXT_CFG}
+    return tiny_open_clip_from_cfg("vlmpress-test-rn", cfg, config_dir, seed)
+
+
+def tiny_open_clip_timm(config_dir: str | Path, trunk: str = "test_vit", seed: int = 0) -> "OpenClipAdapter":
+    """A timm trunk (``test_vit``: packed qkv; ``test_convnext``: convolutions + linear MLPs) + text tower."""
+    cfg = {"embed_dim": 16, "vision_cfg": {"timm_model_name": trunk, "timm_model_pretrained": False,
+                                           "timm_pool": "avg", "timm_proj": "linear", "image_size": 160},
+           "text_cfg": _TINY_TEXT_CFG, "custom_text": True}
+    return tiny_open_clip_from_cfg(f"vlmpress-test-{trunk.replace('_', '-')}", cfg, config_dir, seed)
+
+
+def tiny_open_clip_hf_text(directory: str | Path, seed: int = 0) -> "OpenClipAdapter":
+    """open_clip CustomTextCLIP whose text tower is a transformers RoBERTa (``HFTextEncoder``), built offline."""
+    from transformers import RobertaConfig
+
+    directory = Path(directory)
+    text_dir = directory / "tiny-roberta"
+    tokenizer = tiny_clip_tokenizer(model_max_length=16)
+    tokenizer.save_pretrained(directory / "tiny-tokenizer")  # apart from config.json: AutoTokenizer reads it as is
+    RobertaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+        max_position_embeddings=tokenizer.pad_token_id + 18, pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    ).save_pretrained(text_dir)
+    cfg = {"embed_dim": 16,
+           "vision_cfg": {"image_size": 32, "layers": 2, "width": 32, "patch_size": 8, "head_width": 16},
+           "text_cfg": {"hf_model_name": str(text_dir), "hf_tokenizer_name": str(directory / "tiny-tokenizer"), "hf_model_pretrained": False,
+                        "hf_proj_type": "linear", "hf_pooler_type": "mean_pooler", "context_length": 16},
+           "custom_text": True}
+    return tiny_open_clip_from_cfg("vlmpress-test-hf-text", cfg, directory / "configs", seed)
+
+
+def save_tiny_hf_dual_encoder(kind: str, directory: str | Path, seed: int = 0) -> Path:
+    """Write a tiny random transformers dual encoder of ``kind`` (siglip2, altclip, chinese_clip, blip) + processors."""
+    import transformers as T
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tokenizer = tiny_clip_tokenizer()
+    n = len(tokenizer)
+    ids = dict(pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    text = dict(_tiny_text_kwargs(n), max_position_embeddings=16, **ids)
+    vision = _tiny_vision_kwargs()
+    if kind == "siglip2":
+        vision = {k: v for k, v in vision.items() if k != "image_size"}
+        config, model_cls = T.Siglip2Config(text_config=text, vision_config=dict(vision, num_patches=16)), T.Siglip2Model
+        processor = T.Siglip2ImageProcessor(patch_size=8, max_num_patches=16)
+    elif kind == "altclip":
+        # RoBERTa-style positions start after the padding index, so they must fit pad id + sequence length
+        alt_text = dict(text, max_position_embeddings=tokenizer.pad_token_id + 18, project_dim=16, type_vocab_size=1)
+        config = T.AltCLIPConfig(text_config=alt_text, vision_config=vision, projection_dim=16)
+        model_cls, processor = T.AltCLIPModel, T.CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    elif kind == "chinese_clip":
+        config = T.ChineseCLIPConfig(text_config=text, vision_config=vision, projection_dim=16)
+        model_cls = T.ChineseCLIPModel
+        processor = T.ChineseCLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    elif kind == "blip":
+        blip_text = dict(text, encoder_hidden_size=vision["hidden_size"])
+        config = T.BlipConfig(text_config=blip_text, vision_config=vision, image_text_hidden_size=16)
+        model_cls, processor = T.BlipForImageTextRetrieval, T.BlipImageProcessor(size={"height": 32, "width": 32})
+    else:
+        raise ValueError(f"unknown tiny dual encoder kind '{kind}'")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = model_cls(config).eval()
+    model.save_pretrained(directory, safe_serialization=True)
+    tokenizer.save_pretrained(directory)
+    processor.save_pretrained(directory)
+    return directory
+
+
+def tiny_hf_dual_encoder(kind: str, tmp_dir: str | Path, seed: int = 0):
+    """:func:`save_tiny_hf_dual_encoder` loaded through the registry (``hf:<dir>``)."""
+    from vlmpress.adapters import load_model
+
+    directory = save_tiny_hf_dual_encoder(kind, Path(tmp_dir) / f"tiny-{kind}-{seed}", seed=seed)
+    return load_model(f"hf:{directory}").eval()

@@ -71,7 +71,11 @@ class HFAltClipAdapter(HFDualEncoderAdapter):
     model_type = "altclip"
     model_class_name = "AltCLIPModel"
     config_class_name = "AltCLIPConfig"
-    position_offset = 2  # XLM-R position ids start after the padding index
+
+    def tokenizer_kwargs(self) -> dict:
+        # XLM-R position ids start after the padding index: max_position_embeddings - pad_token_id - 1 tokens fit
+        text = self._text_config()
+        return {"padding": True, "max_length": text.max_position_embeddings - (text.pad_token_id or 0) - 1}
 
 
 @register_adapter

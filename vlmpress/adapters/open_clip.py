@@ -110,6 +110,27 @@ def _effective_model_cfg(name: str, model: nn.Module, kwargs: dict) -> dict | No
     return _jsonable(cfg)
 
 
+def _tokenizer_for(name: str, model_cfg: dict, source: str):
+    """open_clip's tokenizer for a rebuilt model.
+
+    A ``local-dir:`` source makes open_clip look for transformers tokenizer files in that (temporary)
+    directory, so a registered name or the config's ``hf_tokenizer_name`` is used when there is one.
+    """
+    from open_clip.tokenizer import HFTokenizer
+
+    if not name.startswith(_SCHEMAS) and open_clip.get_model_config(name) is not None:
+        return open_clip.get_tokenizer(name)
+    text_cfg = model_cfg.get("text_cfg") or {}
+    if text_cfg.get("hf_tokenizer_name"):
+        return HFTokenizer(
+            text_cfg["hf_tokenizer_name"],
+            context_length=text_cfg.get("context_length", 77),
+            tokenizer_mode=text_cfg.get("tokenizer_mode"),
+            **(text_cfg.get("tokenizer_kwargs") or {}),
+        )
+    return open_clip.get_tokenizer(source)
+
+
 def _text_tower(model: nn.Module) -> nn.Module:
     """The module holding the text tower's attributes (``CLIP`` keeps them on the model itself)."""
     return model.text if hasattr(model, "text") else model
@@ -215,8 +236,11 @@ class OpenClipAdapter(VisionLanguageAdapter):
                 payload["preprocess_cfg"] = config["preprocess_cfg"]
             (Path(tmp) / CONFIG_FILE).write_text(json.dumps(payload), encoding="utf-8")
             source = f"local-dir:{tmp}"
-            model, _, preprocess = open_clip.create_model_and_transforms(source, pretrained=None, device=device)
-            tokenizer = open_clip.get_tokenizer(source)
+            # pretrained_hf=False: a transformers text tower is built from its config; weights come from the checkpoint
+            model, _, preprocess = open_clip.create_model_and_transforms(
+                source, pretrained=None, device=device, pretrained_hf=False
+            )
+            tokenizer = _tokenizer_for(name, model_cfg, source)
         pretrained = config.get("pretrained")
         spec = PREFIX + name + (f"/{pretrained}" if pretrained else "")
         adapter = cls(
@@ -337,6 +361,9 @@ class OpenClipAdapter(VisionLanguageAdapter):
             raise CheckpointError(f"cannot export '{self.model_name}': its open_clip model config is unknown")
         payload = {"model_cfg": config["model_cfg"], "preprocess_cfg": config["preprocess_cfg"]}
         (out / CONFIG_FILE).write_text(json.dumps(payload, indent=2), encoding="utf-8")
+        hf_tokenizer = getattr(self.tokenizer, "tokenizer", None)
+        if hasattr(hf_tokenizer, "save_pretrained"):  # open_clip's local-dir: loads HF tokenizers from the folder
+            hf_tokenizer.save_pretrained(str(out))
         logger.info("exported dense open_clip checkpoint to %s", out)
 
     def exported_spec(self, out_dir: str | Path) -> str:

@@ -59,7 +59,7 @@ def build_open_clip_meta(name: str):
     from vlmpress.adapters.open_clip import OpenClipAdapter
 
     with torch.device("meta"):
-        model = open_clip.create_model(name, pretrained=None, device="meta")
+        model = open_clip.create_model(name, pretrained=None, device="meta", pretrained_hf=False)
     adapter = OpenClipAdapter(
         model.eval(), f"open_clip:{name}", model_name=name, pretrained=None, preprocess=None, tokenizer=None
     )
