@@ -46,7 +46,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--allocation", choices=ALLOCATIONS, help="split of a target reduction between towers")
     g.add_argument("--eps-proportion", type=_proportion, help="fixed eps proportion, e.g. vision=1.3,text=0.7")
     g.add_argument("--als-iters", type=int, help="exactly N ALS rounds (the paper's fixed tau); default: iterate to --als-tol")
-    g.add_argument("--als-tol", type=float, help="ALS stops when the activation error changes by at most this (relative; default 1e-4)")
+    g.add_argument("--als-tol", type=float, help="ALS stops when the activation error changes by at most this (relative; default 2e-5)")
     g.add_argument("--als-max-iters", type=int, help="cap on ALS rounds when iterating to --als-tol (default 100)")
     g.add_argument("--rank-multiple", type=int, help="round ranks to a multiple, e.g. 8 (faster fp16/bf16 GEMMs on GPU)")
     g.add_argument("--targets", nargs="+", help="regexes: only layers whose name matches one")
