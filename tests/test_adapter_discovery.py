@@ -83,3 +83,23 @@ def test_saved_tolerances_are_only_applied_ones_and_coverage_reported():
     assert report.coverage["vision"]["targeted_fraction"] == 0.0
     assert report.coverage["vision"]["dense_convs"] == ["visual.conv1"]
     assert "coverage" in report.summary()
+
+
+def test_conv_only_vision_tower_exits_2_naming_group_and_model(tmp_path, capsys):
+    """The case that used to compress only the text tower and exit 0: now a one-line error, exit 2."""
+    from vlmpress.cli import main
+    from vlmpress.testing import tiny_open_clip_from_cfg
+
+    cfg = {"embed_dim": 96, "vision_cfg": {"timm_model_name": "test_resnet", "timm_model_pretrained": False,
+                                           "timm_pool": "avg", "timm_proj": "none", "image_size": 64},
+           "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}, "custom_text": True}
+    adapter = tiny_open_clip_from_cfg("vlmpress-test-conv-only", cfg, tmp_path / "cfg")
+    inventory = adapter.tower_inventory()
+    assert inventory["vision"].linear_layers == 0 and inventory["vision"].conv_layers > 0
+    code = main(["compress", "--model", "open_clip:vlmpress-test-conv-only", "--method", "svd", "--eps-v", "0.5",
+                 "--eps-t", "0.5", "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "group 'vision' of model 'open_clip:vlmpress-test-conv-only' was given a tolerance (eps-v=0.5)" in err
+    assert "0 linear layers" in err and "convolutions" in err
+    assert not (tmp_path / "out").exists()

@@ -49,9 +49,19 @@ def test_open_clip_timm_trunks(tmp_path, trunk):
 
 
 def test_open_clip_hf_text_tower(tmp_path):
+    import shutil
+
+    from vlmpress.checkpoint import load_compressed
+
     adapter = testing.tiny_open_clip_hf_text(tmp_path)
     info = testing.check_adapter(adapter, tmp_path / "kit")
     assert info["targets"]["text"] >= 12
+    assert any(layer.name.startswith("text.transformer.encoder.layer.0.attention") for layer in adapter.target_layers())
+    # the checkpoint carries its transformers tokenizer: it reloads after the original files are gone
+    shutil.rmtree(tmp_path / "tiny-tokenizer")
+    reloaded = load_compressed(tmp_path / "kit" / "ckpt")
+    assert (tmp_path / "kit" / "ckpt" / "tokenizer").is_dir()
+    assert reloaded.tokenize(["a photo"]).shape == (1, 16)
 
 
 @pytest.mark.parametrize("kind", ["siglip2", "altclip", "chinese_clip", "blip"])

@@ -133,3 +133,13 @@ def test_causal_lm_adapter_refuses_configs_with_a_vision_part():
     assert has_vision_part({"model_type": "llava", "vision_config": {}, "text_config": {"model_type": "llama"}})
     assert has_vision_part({"model_type": "altclip", "vision_config": {"image_size": 224}})
     assert not has_vision_part({"model_type": "llama", "hidden_size": 8})
+
+
+def test_cli_adapter_flag(tmp_path, capsys):
+    from vlmpress.cli import main
+
+    args = ["compress", "--model", "open_clip:vlmpress-tiny", "--method", "svd", "--ratio", "0.4", "--out", str(tmp_path / "o")]
+    assert main([*args, "--adapter", "nope"]) == 2
+    assert "unknown adapter family 'nope'" in capsys.readouterr().err
+    assert main([*args, "--adapter", "hf_clip"]) == 2
+    assert "adapter 'hf_clip' does not accept model spec 'open_clip:vlmpress-tiny'" in capsys.readouterr().err

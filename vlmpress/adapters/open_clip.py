@@ -46,6 +46,8 @@ _SCHEMAS = ("hf-hub:", "local-dir:")
 #: file names of :meth:`OpenClipAdapter.export_dense` (open_clip's own hub / ``local-dir:`` layout)
 WEIGHTS_FILE = "open_clip_model.safetensors"
 CONFIG_FILE = "open_clip_config.json"
+#: where :meth:`OpenClipAdapter.save_preprocessing` puts a transformers tokenizer in a checkpoint
+HF_TOKENIZER_DIR = "tokenizer"
 
 
 def _register_vlmpress_configs() -> None:
@@ -110,20 +112,24 @@ def _effective_model_cfg(name: str, model: nn.Module, kwargs: dict) -> dict | No
     return _jsonable(cfg)
 
 
-def _tokenizer_for(name: str, model_cfg: dict, source: str):
+def _tokenizer_for(name: str, model_cfg: dict, source: str, preprocessing_dir: str | Path | None = None):
     """open_clip's tokenizer for a rebuilt model.
 
-    A ``local-dir:`` source makes open_clip look for transformers tokenizer files in that (temporary)
-    directory, so a registered name or the config's ``hf_tokenizer_name`` is used when there is one.
+    A transformers tokenizer saved with the checkpoint (:meth:`OpenClipAdapter.save_preprocessing`)
+    comes first. A ``local-dir:`` source makes open_clip look for tokenizer files in that (temporary)
+    directory, so otherwise a registered name or the config's ``hf_tokenizer_name`` is used.
     """
     from open_clip.tokenizer import HFTokenizer
 
-    if not name.startswith(_SCHEMAS) and open_clip.get_model_config(name) is not None:
-        return open_clip.get_tokenizer(name)
     text_cfg = model_cfg.get("text_cfg") or {}
-    if text_cfg.get("hf_tokenizer_name"):
+    saved = Path(preprocessing_dir) / HF_TOKENIZER_DIR if preprocessing_dir is not None else None
+    has_saved = saved is not None and saved.is_dir()
+    if not has_saved and not name.startswith(_SCHEMAS) and open_clip.get_model_config(name) is not None:
+        return open_clip.get_tokenizer(name)
+    hf_source = str(saved) if has_saved else text_cfg.get("hf_tokenizer_name")
+    if hf_source:
         return HFTokenizer(
-            text_cfg["hf_tokenizer_name"],
+            hf_source,
             context_length=text_cfg.get("context_length", 77),
             tokenizer_mode=text_cfg.get("tokenizer_mode"),
             **(text_cfg.get("tokenizer_kwargs") or {}),
@@ -240,7 +246,7 @@ class OpenClipAdapter(VisionLanguageAdapter):
             model, _, preprocess = open_clip.create_model_and_transforms(
                 source, pretrained=None, device=device, pretrained_hf=False
             )
-            tokenizer = _tokenizer_for(name, model_cfg, source)
+            tokenizer = _tokenizer_for(name, model_cfg, source, preprocessing_dir)
         pretrained = config.get("pretrained")
         spec = PREFIX + name + (f"/{pretrained}" if pretrained else "")
         adapter = cls(
@@ -256,7 +262,11 @@ class OpenClipAdapter(VisionLanguageAdapter):
         return adapter
 
     def save_preprocessing(self, out_dir: str | Path) -> None:
-        """No-op: open_clip's tokenizer and image transform are rebuilt from the spec config."""
+        """Save a transformers tokenizer (HF text towers) under ``tokenizer/``; open_clip's own BPE
+        tokenizer and the image transform are rebuilt from the spec config."""
+        hf_tokenizer = getattr(self.tokenizer, "tokenizer", None)
+        if hasattr(hf_tokenizer, "save_pretrained"):
+            hf_tokenizer.save_pretrained(str(Path(out_dir) / HF_TOKENIZER_DIR))
 
     # ------------------------------------------------------------------ compression hooks
     def prepare_for_compression(self) -> None:
