@@ -234,6 +234,10 @@ CASES = [
                                                              str(e.text("r.yaml", b"n_images: lots\n"))], "n-images must be an integer"),
     Case("yaml-device-tpu", lambda e: e.compress_toy() + ["--eps", "0.5", "--config", str(e.text("d.yaml", b"device: tpu\n"))],
          "unknown device 'tpu'"),
+    Case("resume-without-sequential", lambda e: e.compress_toy() + ["--eps", "0.5", "--resume"],
+         "--resume applies to --mode sequential"),
+    Case("eval-save-predictions-zero", lambda e: e.eval_clip(e.toy_checkpoint()) + ["--save-predictions", "0"],
+         "--save-predictions K must be a positive"),
     # ------------------------------------------------ model weights
     Case("nan-weight-before-calibration", lambda e: e.compress_llm(e.nan_llm()) + ["--eps", "0.5"],
          "layer 'model.layers.1.mlp.up_proj' holds 1 NaN/inf"),
