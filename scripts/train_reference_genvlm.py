@@ -15,11 +15,12 @@ import json
 import logging
 from pathlib import Path
 
-from vlmpress.reference.genvlm import CALTECH101_LLAVA, get_genvlm_reference
+from vlmpress.reference.genvlm import GENVLM_REFERENCES, get_genvlm_reference
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--name", default="caltech101-llava", choices=sorted(GENVLM_REFERENCES), help="which recipe")
     p.add_argument("--quick", action="store_true", help="a few steps on a handful of images")
     p.add_argument("--retrain", action="store_true", help="train even when the cache holds this recipe")
     p.add_argument("--epochs", type=int, help="override the recipe's epochs")
@@ -29,7 +30,7 @@ def main(argv=None) -> int:
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    cfg = CALTECH101_LLAVA.replace(epochs=args.epochs, seed=args.seed)
+    cfg = GENVLM_REFERENCES[args.name].replace(epochs=args.epochs, seed=args.seed)
     directory = get_genvlm_reference(
         cfg, retrain=args.retrain, quick=args.quick, data_root=args.data_root, progress=not args.no_progress, out=args.out
     )

@@ -53,3 +53,20 @@ def test_built_llava_scores_captions_through_the_adapter(visual, tmp_path):
     assert scores.shape == (1, 2) and torch.isfinite(scores).all() and (counts > 0).all()
     # the vision tower is the converted CLIP tower: every feature block is a compression target
     assert sum(l.group == "vision" for l in adapter.target_layers()) == 6 * 6
+
+
+@pytest.mark.slow
+def test_quick_genvlm_reference_trains_saves_and_loads(tmp_path, monkeypatch):
+    """End to end on a handful of digits: reference CLIP -> converted tower -> trained projector + LM -> hf:<dir>."""
+    from vlmpress.adapters import load_model
+    from vlmpress.reference.genvlm import DIGITS_LLAVA, get_genvlm_reference
+
+    monkeypatch.setenv("VLMPRESS_CACHE", str(tmp_path / "cache"))
+    directory = get_genvlm_reference(DIGITS_LLAVA, quick=True, progress=False)
+    import json
+
+    meta = json.loads((directory / "reference.json").read_text())
+    assert meta["dataset"] == "digits" and len(meta["epoch_loss"]) == 2 and all(x > 0 for x in meta["epoch_loss"])
+    assert get_genvlm_reference(DIGITS_LLAVA, quick=True, progress=False) == directory  # cached
+    adapter = load_model(f"hf:{directory}")
+    assert adapter.family == "hf_llava" and adapter.prefix_ids().numel() > 0

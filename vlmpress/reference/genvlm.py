@@ -70,6 +70,8 @@ class GenVLMConfig:
     grad_clip: float = 1.0
     seed: int = 0
     max_train_images: int | None = None  # quick mode (tests)
+    #: templates added to the data set's own ensemble for training (the single evaluation template)
+    extra_templates: tuple[str, ...] = ("a photo of a {}.",)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -79,6 +81,9 @@ class GenVLMConfig:
 
 
 CALTECH101_LLAVA = GenVLMConfig()
+# the same recipe on the digits reference CLIP (32 px, 4 blocks): minutes on 2 CPU cores
+DIGITS_LLAVA = GenVLMConfig(name="digits-llava", clip_reference="digits", epochs=12, batch_size=32, warmup_steps=40)
+GENVLM_REFERENCES = {c.name: c for c in (CALTECH101_LLAVA, DIGITS_LLAVA)}
 QUICK = dict(epochs=2, batch_size=8, max_train_images=24, text_hidden=32, text_intermediate=64, vocab_size=400)
 
 
@@ -203,16 +208,19 @@ def train_genvlm(cfg: GenVLMConfig, *, quick_clip: bool = False, data_root: str 
     """Build and train the VLM; returns (model, processor, metadata)."""
     from vlmpress.adapters.hf_llava import HFLlavaAdapter
     from vlmpress.reference import get_reference
+    from vlmpress.reference.config import get_config
     from vlmpress.reference.data import dataset_text, load_tensor_split
 
     t_start = time.perf_counter()
     clip_ref = get_reference(cfg.clip_reference, quick=quick_clip, progress=progress, data_root=data_root)
     clip_model, _, _ = clip_ref.load()
-    classnames, templates = dataset_text("caltech101", data_root)
+    dataset = get_config(cfg.clip_reference).dataset
+    classnames, templates = dataset_text(dataset, data_root)
+    templates = list(dict.fromkeys([*templates, *cfg.extra_templates]))
     captions = [t.format(c) for c in classnames for t in templates]
     model, processor = build_llava(clip_model.visual, captions, cfg)
     size = model.config.vision_config.image_size
-    train = load_tensor_split("caltech101", "train", size, limit=cfg.max_train_images, data_root=data_root, progress=progress)
+    train = load_tensor_split(dataset, "train", size, limit=cfg.max_train_images, data_root=data_root, progress=progress)
     t0 = time.perf_counter()
     feats = _vision_features(model, train.images)
     t_features = time.perf_counter() - t0
@@ -273,7 +281,7 @@ def train_genvlm(cfg: GenVLMConfig, *, quick_clip: bool = False, data_root: str 
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
                 opt.step()
-                losses.append(float(loss))
+                losses.append(float(loss.detach()))
                 step += 1
                 bar.update()
                 if step % 50 == 0:
@@ -288,6 +296,8 @@ def train_genvlm(cfg: GenVLMConfig, *, quick_clip: bool = False, data_root: str 
         "name": cfg.name,
         "config": cfg.to_dict(),
         "clip_reference": {"name": clip_ref.name, "checkpoint": str(clip_ref.checkpoint), "config_hash": clip_ref.metadata.get("config_hash")},
+        "dataset": dataset,
+        "templates": templates,
         "train_images": n,
         "n_templates": n_templates,
         "epoch_loss": [round(x, 4) for x in epoch_loss],
@@ -332,4 +342,4 @@ def get_genvlm_reference(
     return directory
 
 
-__all__ = ["CALTECH101_LLAVA", "GenVLMConfig", "build_llava", "get_genvlm_reference", "hf_vision_config", "openclip_visual_to_hf", "train_genvlm"]
+__all__ = ["CALTECH101_LLAVA", "DIGITS_LLAVA", "GENVLM_REFERENCES", "GenVLMConfig", "build_llava", "get_genvlm_reference", "hf_vision_config", "openclip_visual_to_hf", "train_genvlm"]
