@@ -114,4 +114,45 @@ def write_image_folder(root: str | Path, classes: tuple[str, ...] = ("cat", "dog
     return root
 
 
-__all__ = ["CHAT_TEMPLATE", "save_tiny_llava", "tiny_llava", "tiny_vlm_tokenizer", "write_image_folder"]
+__all__ = ["CHAT_TEMPLATE", "save_tiny_llava", "save_tiny_paligemma", "tiny_llava", "tiny_vlm_tokenizer", "write_image_folder"]
+
+
+def save_tiny_paligemma(directory: str | Path, seed: int = 0, *, image_size: int = 32, patch_size: int = 8, hidden: int = 32) -> Path:
+    """Write a tiny random ``PaliGemmaForConditionalGeneration`` + ``PaliGemmaProcessor`` to ``directory``."""
+    from transformers import (
+        GemmaConfig,
+        PaliGemmaConfig,
+        PaliGemmaForConditionalGeneration,
+        PaliGemmaProcessor,
+        SiglipImageProcessor,
+        SiglipVisionConfig,
+    )
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    from vlmpress.lm_reference import TINY_TEXT, train_tokenizer
+
+    tokenizer = train_tokenizer(TINY_TEXT + _CAPTION_TEXT, vocab_size=320, model_max_length=256)
+    n_tokens = (image_size // patch_size) ** 2
+    image_processor = SiglipImageProcessor(size={"height": image_size, "width": image_size})
+    image_processor.image_seq_length = n_tokens
+    processor = PaliGemmaProcessor(image_processor=image_processor, tokenizer=tokenizer)  # adds <image> + loc/seg tokens
+    vision = SiglipVisionConfig(
+        hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2, num_attention_heads=2,
+        image_size=image_size, patch_size=patch_size, vision_use_head=False,
+    )
+    text = GemmaConfig(
+        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=hidden // 4, max_position_embeddings=256,
+        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
+    )
+    config = PaliGemmaConfig(
+        vision_config=vision, text_config=text, image_token_id=processor.image_token_id, projection_dim=hidden,
+    )
+    config.vision_config.projection_dim = hidden
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = PaliGemmaForConditionalGeneration(config).eval()
+    model.save_pretrained(directory, safe_serialization=True)
+    processor.save_pretrained(directory)
+    return directory

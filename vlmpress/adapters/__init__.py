@@ -54,6 +54,7 @@ _BUILTIN: dict[str, str] = {
     "hf_blip_itr": "vlmpress.adapters.hf_families:HFBlipRetrievalAdapter",
     "hf_causal_lm": "vlmpress.adapters.hf_causal_lm:HFCausalLMAdapter",
     "hf_llava": "vlmpress.adapters.hf_llava:HFLlavaAdapter",
+    "hf_paligemma": "vlmpress.adapters.hf_llava:HFPaliGemmaAdapter",
 }
 
 _REGISTRY: dict[str, type[ModelAdapter]] = {}

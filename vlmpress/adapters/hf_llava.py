@@ -361,12 +361,20 @@ class HFGenerativeVLMAdapter(ModelAdapter):
     def caption_ids(self, captions: Sequence[str]) -> list[list[int]]:
         """Token ids of each caption as the answer that follows :meth:`prefix_text` (no special tokens)."""
         tokenizer = self._require_processor().tokenizer
-        lead = "" if self.prefix_text()[-1:].isspace() else " "
+        lead = self.caption_lead()
         texts = [lead + c.strip() for c in captions]
         ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
         if any(len(x) == 0 for x in ids):
             raise ConfigError("a caption tokenised to nothing; captions must hold text")
         return ids
+
+    def caption_lead(self) -> str:
+        """Text put before each caption: a space after a prompt that does not end in whitespace."""
+        return "" if self.prefix_text()[-1:].isspace() else " "
+
+    def extra_inputs(self, input_ids: torch.Tensor, caption_mask: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        """Model inputs besides ids/mask/pixels (prefix-LM families mark the prefix); none for LLaVA."""
+        return {}
 
     def pixel_values(self, images: Sequence[Any]) -> torch.Tensor:
         return torch.stack([self.preprocess(_rgb(img)) for img in images])
@@ -390,7 +398,9 @@ class HFGenerativeVLMAdapter(ModelAdapter):
             ids[i, : len(seq)] = torch.tensor(seq)
             attention[i, : len(seq)] = 1
             caption_mask[i, len(prefix) : len(seq)] = True
-        return {"input_ids": ids, "attention_mask": attention, "pixel_values": pixel_values, "caption_mask": caption_mask}
+        batch = {"input_ids": ids, "attention_mask": attention, "pixel_values": pixel_values, "caption_mask": caption_mask}
+        batch.update(self.extra_inputs(ids, caption_mask))
+        return batch
 
     # ------------------------------------------------------------------ running
     @property
@@ -420,7 +430,13 @@ class HFGenerativeVLMAdapter(ModelAdapter):
             out["attention_mask"] = batch["attention_mask"].to(dev)
         if batch.get("pixel_values") is not None:
             out["pixel_values"] = self._pixels(batch["pixel_values"])
+        for key in self.extra_input_names:
+            if batch.get(key) is not None:
+                out[key] = batch[key].to(dev)
         return out
+
+    #: keys of :meth:`extra_inputs` passed on to the model
+    extra_input_names: ClassVar[tuple[str, ...]] = ()
 
     def forward_tokens(self, batch: dict[str, torch.Tensor], *, logits: bool = True, **kwargs: Any) -> Any:
         """Run a multimodal batch (``input_ids``, ``attention_mask``, ``pixel_values``) without a KV cache.
@@ -510,4 +526,47 @@ class HFLlavaAdapter(HFGenerativeVLMAdapter):
         return max(0, min(n_blocks, max(resolved)))
 
 
-__all__ = ["DEFAULT_PROMPT", "HFGenerativeVLMAdapter", "HFLlavaAdapter", "PairedCalibration", "build_paired_calibration"]
+class HFPaliGemmaAdapter(HFGenerativeVLMAdapter):
+    """transformers ``PaliGemmaForConditionalGeneration`` (SigLIP tower + linear projector + Gemma).
+
+    PaliGemma is a prefix-LM: image and prompt attend to each other bidirectionally, the answer
+    causally (``token_type_ids`` 0 on the prefix, 1 on the answer). Its processor inserts the image
+    tokens, BOS and the closing newline itself; the default prompt is PaliGemma's captioning task
+    ``caption en``. The vision tower's last hidden state is read, so every block is a target.
+    """
+
+    family = "hf_paligemma"
+    model_types = ("paligemma",)
+    model_class_name = "PaliGemmaForConditionalGeneration"
+    config_class_name = "PaliGemmaConfig"
+    extra_input_names = ("token_type_ids",)
+    default_prompt = "caption en"
+
+    def __init__(self, model: nn.Module, spec: str, *, name: str, processor: Any = None, prompt: str | None = None):
+        super().__init__(model, spec, name=name, processor=processor, prompt=prompt or self.default_prompt)
+
+    @classmethod
+    def build_from_spec_config(cls, config: dict, **kwargs: Any) -> "HFPaliGemmaAdapter":
+        return super().build_from_spec_config({**config, "prompt": config.get("prompt", cls.default_prompt)}, **kwargs)
+
+    def prefix_text(self) -> str:
+        processor = self._require_processor()
+        return f"{getattr(processor, 'image_token', '<image>')}{self.prompt}"
+
+    def caption_lead(self) -> str:
+        return ""  # the processor ends the prefix with a newline
+
+    def extra_inputs(self, input_ids: torch.Tensor, caption_mask: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        if caption_mask is None:  # a bare prefix: all bidirectional
+            return {"token_type_ids": torch.zeros_like(input_ids)}
+        prefix_len = int(caption_mask[0].nonzero()[0]) if caption_mask[0].any() else input_ids.shape[1]
+        types = torch.ones_like(input_ids)
+        types[:, :prefix_len] = 0
+        return {"token_type_ids": types}
+
+    def image_features(self, pixels: torch.Tensor) -> Any:
+        base = self.model.model if hasattr(self.model, "model") else self.model
+        return base.get_image_features(pixel_values=self._pixels(pixels))
+
+
+__all__ = ["DEFAULT_PROMPT", "HFGenerativeVLMAdapter", "HFLlavaAdapter", "HFPaliGemmaAdapter", "PairedCalibration", "build_paired_calibration"]

@@ -85,9 +85,9 @@ def caption_log_likelihoods(
     cap_ids, cap_mask = cap_ids.to(dev), cap_mask.to(dev)
     prefix = adapter.prefix_ids().to(dev)
     n_img, n_cap = pixels.shape[0], cap_ids.shape[0]
-    out = adapter.model(
-        input_ids=prefix.expand(n_img, -1), pixel_values=adapter._pixels(pixels), use_cache=True
-    )
+    prefix_ids = prefix.expand(n_img, -1)
+    extra = {k: v.to(dev) for k, v in adapter.extra_inputs(prefix_ids, None).items()}  # e.g. PaliGemma's prefix types
+    out = adapter.model(input_ids=prefix_ids, pixel_values=adapter._pixels(pixels), use_cache=True, **extra)
     cache = _model_cache(out)
     if cache is None:
         raise ConfigError(f"{type(adapter.model).__name__} returned no KV cache; prefix reuse needs use_cache support")
