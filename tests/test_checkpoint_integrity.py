@@ -19,6 +19,7 @@ from vlmpress.checkpoint import load_compressed, save_compressed
 from vlmpress.compress import compress
 from vlmpress.config import CompressionConfig
 from vlmpress.errors import CheckpointError, ConfigError
+from child_process import own_progress_lock
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -84,6 +85,7 @@ def test_stale_temporaries_of_dead_processes_are_cleaned(tmp_path):
 
 
 def _save_forever(out: str, seed: int) -> None:  # runs in a forked child until killed
+    own_progress_lock()
     torch.set_num_threads(1)
     ratios = [0.3, 0.5, 0.7]
     models = [_compressed(seed, r) for r in ratios]

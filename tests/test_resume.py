@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 from vlmpress.cli import main
 from vlmpress.lm_reference import TINY_TEXT, save_tiny_causal_lm
 from vlmpress.sequential_state import SequentialState, state_dir_for
+from child_process import own_progress_lock
 
 pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")]
 
@@ -32,6 +33,7 @@ def _argv(model, text, out, propagate, *extra):
 
 
 def _killed_after(blocks: int, argv: list[str]) -> None:  # forked child: SIGKILL itself once N blocks are saved
+    own_progress_lock()
     torch.set_num_threads(1)
     original = SequentialState.save_block
 
