@@ -126,3 +126,15 @@ def test_without_sharing_each_layer_has_its_own_sum():
 def test_empty_selection_is_an_error():
     with pytest.raises(CalibrationError, match="no layers"):
         CovarianceCollector({})
+
+
+@pytest.mark.parametrize("m", [5, 17, 40])
+def test_blocked_gram_equals_the_full_product_and_is_symmetric(m):
+    from vlmpress.core.covariance import gram
+
+    g = torch.Generator().manual_seed(m)
+    rows = torch.randn(33, m, generator=g, dtype=torch.float64)
+    for min_width in (1, 8, 1000):
+        G = gram(rows, min_width=min_width)
+        torch.testing.assert_close(G, rows.T @ rows, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(G, G.T, rtol=1e-12, atol=1e-12)

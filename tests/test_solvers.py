@@ -203,8 +203,21 @@ def test_als_tolerance_mode_converges_to_the_closed_form():
     optimum = closed_form_error(W, M, 12)
     f = solve_als(W, 12, M, tol=1e-6, max_iters=500)
     assert f.info["mode"] == "tolerance" and f.info["converged"] and 1 <= f.info["iters"] < 500
-    assert len(f.history) == f.info["iters"] + 1
+    assert len(f.history) == f.info["iters"] + 1 + ("finish" in f.info)
     assert optimum <= f.act_rel_error <= optimum * (1 + 5e-4)
+    plain = solve_als(W, 12, M, tol=1e-6, max_iters=500, exact_finish=False)
+    assert "finish" not in plain.info and optimum <= plain.act_rel_error <= optimum * (1 + 5e-4)
+
+
+def test_als_tolerance_mode_finishes_a_slow_layer_at_its_limit():
+    """Flat spectrum around r: rounds crawl; the solver jumps to the limit (the closed form)."""
+    g = torch.Generator().manual_seed(8)
+    W = torch.randn(200, 200, generator=g, dtype=torch.float64)
+    M, X = correlated_covariance(200, 2000, seed=4, decay=0.001)
+    f = solve_als(W, 60, M, tol=1e-9)
+    assert f.info["finish"] == "limit" and f.info["iters"] < 100 and f.info["best_iter"] == len(f.history) - 1
+    assert f.act_rel_error == pytest.approx(closed_form_error(W, M, 60), rel=1e-6)
+    assert f.act_rel_error == pytest.approx(direct_activation_error(W, f.A, f.B, X), rel=1e-6)
     capped = solve_als(W, 12, M, tol=1e-12, max_iters=3)
     assert capped.info["iters"] == 3 and not capped.info["converged"]
 

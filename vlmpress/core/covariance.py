@@ -26,6 +26,28 @@ from vlmpress.errors import CalibrationError
 logger = logging.getLogger(__name__)
 
 _ACCUMULATE_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+_TRIANGLE_MIN_WIDTH = 1024  # from this input width the product skips the lower block triangle
+
+
+def gram(rows: torch.Tensor, min_width: int = _TRIANGLE_MIN_WIDTH) -> torch.Tensor:
+    """``rows^T rows`` (m x m).
+
+    From ``min_width`` on, only the block upper triangle is multiplied (one GEMM per block row,
+    k = 4 or 8 blocks) and mirrored: (k + 1) / 2k of the full product's flops. An MLP's second
+    layer reads a 4x-wide input, so its covariance alone can cost more than the block's forward.
+    """
+    m = rows.shape[-1]
+    if m < min_width:
+        return rows.mT @ rows
+    k = 8 if m >= 2 * min_width else 4
+    edges = [i * m // k for i in range(k + 1)]
+    out = rows.new_empty(m, m)
+    for i in range(k):
+        lo, hi = edges[i], edges[i + 1]
+        band = rows[:, lo:hi].mT @ rows[:, lo:]  # (hi - lo) x (m - lo)
+        out[lo:hi, lo:] = band
+        out[hi:, lo:hi] = band[:, hi - lo :].mT
+    return out
 
 
 class CovarianceCollector:
@@ -158,7 +180,7 @@ class CovarianceCollector:
         n = rows.shape[0]
         if n:
             rows = rows.to(self.compute_dtype)
-            product = (rows.mT @ rows).to(torch.float64)
+            product = gram(rows).to(torch.float64)
             if self.storage_device is not None:
                 product = product.to(self.storage_device)
             if name in self._sums:

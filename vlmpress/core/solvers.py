@@ -255,6 +255,7 @@ def activation_optimal_factors(
 
 _ALS_TOL = 2e-5  # default ALS stop: relative change of the activation error between iterations
 _ALS_MAX_ITERS = 100  # default cap in tolerance mode
+_ROUNDS_PER_EIGH = 8.0  # an eigendecomposition of K costs about this many (2 d^2 r + 4 d r^2)-flop rounds at r ~ d/3
 _CHOLQR_MIN_PIVOT = 1e-8  # Cholesky-QR of a tall W only when pivot^2 > this * max diag (cond(W) < ~1e4)
 _EXPLICIT_BELOW = 1e6  # recompute an error explicitly when error^2 < this * d * eps (trace form unreliable)
 
@@ -454,6 +455,7 @@ def solve_als(
     device=None,
     svd: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     balance: bool = True,
+    exact_finish: bool = True,
     **_: object,
 ) -> Factorization:
     """PGSVD / SVD-ALS factor refinement (paper Algorithm 1, Eq. 6), started from the truncated SVD.
@@ -469,6 +471,11 @@ def solve_als(
     start). The solver returns the best iterate, so the result is never worse than its start; its
     ``act_rel_error`` is the error of the returned factors (recomputed from the explicit residual
     when it is near float64 rounding). ``info``: rounds run, best round, converged flag.
+
+    Tolerance mode converges to the top-r eigenspace of K (the closed-form optimum). When the rounds
+    run so far cost about as much as one eigendecomposition of K and the tolerance is not met yet
+    (a flat spectrum around r converges slowly), ``exact_finish`` computes that limit directly and
+    appends its error to ``history`` (``info['finish'] = 'limit'``); fixed-tau runs never do.
     """
     if M is None:
         raise ConfigError("als needs the input covariance M of the layer (run calibration first)")
@@ -505,7 +512,11 @@ def solve_als(
     best_Q, best_iter = Q, 0
     history = [(best_sq / total) ** 0.5]
     n_rounds = int(iters) if fixed else int(max_iters)
-    done, converged = 0, fixed
+    done, converged, finish = 0, fixed, None
+    # tolerance mode: once the rounds run so far cost about one eigendecomposition of K, a slowly
+    # converging layer (flat spectrum around r) jumps to the iteration's limit, the top-r
+    # eigenspace of K, instead of paying up to max_iters more rounds
+    budget = max(3, int(_ROUNDS_PER_EIGH * d / (2 * rank + 4 * rank * rank / d))) if exact_finish else n_rounds
     for it in range(1, n_rounds + 1):
         Q = _orthonormal(KQ)
         KQ = K @ Q
@@ -516,6 +527,15 @@ def solve_als(
             best_sq, best_Q, best_iter = cur, Q, it
         if not fixed and abs(history[-2] - history[-1]) <= tol * max(history[-1], 1e-300):
             converged = True
+            break
+        if not fixed and it >= budget and it < n_rounds:
+            top, Q = _top_eigenvectors(K, rank)
+            Q = Q.to(K)
+            cur = max(total - float(top.clamp_min(0).sum()), 0.0)
+            history.append((cur / total) ** 0.5)
+            if cur <= best_sq:
+                best_sq, best_Q, best_iter = cur, Q, len(history) - 1
+            converged, finish = True, "limit"
             break
     A, B0 = reduced.factors(best_Q)
     A, B = _balance_columns(A, B0) if balance else (A, B0)
@@ -528,6 +548,8 @@ def solve_als(
         history[0] = _rel_error(reduced, Q0, 0.0, total)[0]
     act0 = history[0]
     info.update(iters=done, best_iter=best_iter, converged=converged, basis=reduced.basis, explicit_error=explicit)
+    if finish:
+        info["finish"] = finish
     return Factorization(A, B, "als", rank, _weight_error(reduced, B0, A, B), act, act0, seconds, history, info)
 
 
