@@ -48,6 +48,41 @@ def install_plugin(site: Path, dist: str = "myclip_plugin") -> Path:
     return site
 
 
+def pip_install_plugin(tmp_path: Path) -> Path:
+    """Build the plugin as a real package (pyproject with an entry point) and ``pip install`` it into a
+    private ``--target`` directory: exactly what a user's ``pip install`` writes, without touching
+    the test environment."""
+    src = tmp_path / "plugin-src"
+    (src / "myclip_plugin").mkdir(parents=True)
+    (src / "myclip_plugin" / "__init__.py").write_text("")
+    (src / "myclip_plugin" / "adapter.py").write_text(textwrap.dedent(PLUGIN))
+    (src / "pyproject.toml").write_text(textwrap.dedent('''
+        [build-system]
+        requires = ["setuptools>=61"]
+        build-backend = "setuptools.build_meta"
+
+        [project]
+        name = "myclip_plugin"
+        version = "0.1"
+
+        [project.entry-points."vlmpress.adapters"]
+        myclip = "myclip_plugin.adapter:MyClipAdapter"
+
+        [tool.setuptools]
+        packages = ["myclip_plugin"]
+    '''))
+    site = tmp_path / "site"
+    done = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--no-deps",
+         "--no-build-isolation", "--no-index", "--target", str(site), str(src)],
+        capture_output=True, text=True, timeout=300,
+    )
+    if done.returncode != 0:  # e.g. no setuptools in this environment to build with
+        pytest.skip(f"pip could not build the plugin package: {(done.stderr.strip().splitlines() or ['?'])[-1]}")
+    assert list(site.glob("myclip_plugin-0.1.dist-info/entry_points.txt")), "pip wrote no entry points"
+    return site
+
+
 def run_cli(args: list[str], site: Path | None) -> subprocess.CompletedProcess:
     paths = [str(ROOT)] + ([str(site)] if site else [])
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(paths), HF_HUB_OFFLINE="1")
@@ -55,7 +90,7 @@ def run_cli(args: list[str], site: Path | None) -> subprocess.CompletedProcess:
 
 
 def test_plugin_through_the_stock_cli(tmp_path):
-    site = install_plugin(tmp_path / "site")
+    site = pip_install_plugin(tmp_path)
     images = tmp_path / "images"
     for c, cls in enumerate(("cat", "dog")):
         (images / cls).mkdir(parents=True)
