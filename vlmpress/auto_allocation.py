@@ -143,8 +143,20 @@ def auto_compress(
     state: dict = {}
     result = search_allocation(adapter, config, calibration, _state=state, **kwargs)
     fit, _ = split_calibration(calibration)
+    return compress_with_winner(
+        adapter, config, fit, result, state, {"vision": result.best.proportion, "text": 1.0},
+        proxy="mean KL(original || compressed) of image->text zero-shot distributions on held-out calibration data",
+    )
+
+
+def compress_with_winner(
+    adapter, config: CompressionConfig, fit, result: AutoAllocationResult, state: dict,
+    eps_proportion: dict[str, float], *, proxy: str,
+) -> CompressionReport:
+    """Compress ``adapter`` in place with the searched tolerances (reusing the search's covariances
+    and spectra) and record the search in the report."""
     report = compress(
-        adapter, config.replace(allocation="proportion", eps_proportion={"vision": result.best.proportion, "text": 1.0}),
+        adapter, config.replace(allocation="proportion", eps_proportion=eps_proportion),
         fit, tolerances=result.best.tolerances, collectors=state.get("collectors"), spectra_cache=state["spectra"],
     )
     report.allocation = "auto"
@@ -152,7 +164,7 @@ def auto_compress(
     report.calibration["auto_allocation"] = {
         "chosen_proportion_eps_v_over_eps_t": result.best.proportion,
         "chosen_tolerances": result.best.tolerances,
-        "proxy": "mean KL(original || compressed) of image->text zero-shot distributions on held-out calibration data",
+        "proxy": proxy,
         "held_out": result.held_out,
         "candidates": [c.__dict__ for c in result.candidates],
     }

@@ -19,7 +19,13 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from vlmpress.auto_allocation import DEFAULT_PROPORTIONS, HELD_OUT_FRACTION, AutoAllocationResult, Candidate
+from vlmpress.auto_allocation import (
+    DEFAULT_PROPORTIONS,
+    HELD_OUT_FRACTION,
+    AutoAllocationResult,
+    Candidate,
+    compress_with_winner,
+)
 from vlmpress.compress import calibrate, compress, select_layers
 from vlmpress.config import CompressionConfig
 from vlmpress.errors import ConfigError
@@ -105,20 +111,10 @@ def auto_compress_generative(adapter, config: CompressionConfig, calibration, **
     state: dict = {}
     result = search_generative_allocation(adapter, config, calibration, _state=state, **kwargs)
     groups = {layer.group for layer in select_layers(adapter, config)}
-    report = compress(
-        adapter, config.replace(allocation="proportion", eps_proportion=_weights(groups, result.best.proportion)),
-        state["fit"], tolerances=result.best.tolerances, collectors=state.get("collectors"), spectra_cache=state["spectra"],
+    return compress_with_winner(
+        adapter, config, state["fit"], result, state, _weights(groups, result.best.proportion),
+        proxy="mean KL(original || compressed) of next-token distributions on held-out caption tokens (given image + prompt)",
     )
-    report.allocation = "auto"
-    report.config["allocation"] = "auto"
-    report.calibration["auto_allocation"] = {
-        "chosen_proportion_eps_v_over_eps_t": result.best.proportion,
-        "chosen_tolerances": result.best.tolerances,
-        "proxy": "mean KL(original || compressed) of next-token distributions on held-out caption tokens (given image + prompt)",
-        "held_out": result.held_out,
-        "candidates": [c.__dict__ for c in result.candidates],
-    }
-    return report
 
 
 __all__ = ["auto_compress_generative", "caption_kl", "caption_log_probs", "search_generative_allocation", "split_pairs"]
