@@ -193,7 +193,11 @@ def _close(a, b, what: str, rtol: float = 1e-4, atol: float = 1e-4) -> None:
 def check_adapter(adapter, tmp_dir: str | Path, *, fresh_process: bool = False, rank_fraction: float = 0.5) -> dict:
     """Conformance checks any vision-language adapter should pass; raises AssertionError on the first failure.
 
-    ``adapter`` is a freshly loaded (uncompressed, eval-mode) :class:`VisionLanguageAdapter`. Checks:
+    ``adapter`` is a freshly loaded (uncompressed, eval-mode) adapter. A generative VLM
+    (:class:`~vlmpress.adapters.hf_llava.HFGenerativeVLMAdapter`: LLaVA, PaliGemma and subclasses)
+    gets the same six checks on next-token logits of an image + caption batch, see
+    :func:`vlmpress.testing_conformance_genvlm.check_generative_adapter`. For a dual encoder
+    (:class:`VisionLanguageAdapter`) the checks are:
 
     1. :meth:`prepare_for_compression` leaves image and text embeddings unchanged (1e-4);
     2. every group has targets, each a module of the model that is called during its group's forward;
@@ -209,6 +213,20 @@ def check_adapter(adapter, tmp_dir: str | Path, *, fresh_process: bool = False, 
     import json
     import subprocess
     import sys
+
+    from vlmpress.adapters.base import VisionLanguageAdapter
+    from vlmpress.adapters.hf_llava import HFGenerativeVLMAdapter
+
+    if isinstance(adapter, HFGenerativeVLMAdapter):
+        from vlmpress.testing_conformance_genvlm import check_generative_adapter
+
+        return check_generative_adapter(adapter, tmp_dir, fresh_process=fresh_process, rank_fraction=rank_fraction)
+    dual_encoder_api = ("preprocess", "tokenize", "encode_image", "encode_text")
+    if not isinstance(adapter, VisionLanguageAdapter) and not all(hasattr(adapter, a) for a in dual_encoder_api):
+        raise TypeError(
+            f"check_adapter checks vision-language adapters (VisionLanguageAdapter or HFGenerativeVLMAdapter "
+            f"subclasses); got {type(adapter).__name__} (family '{getattr(adapter, 'family', '?')}')"
+        )
 
     from vlmpress.adapters.merge import merge_lowrank_layers
     from vlmpress.checkpoint import export_dense, load_compressed, save_compressed

@@ -509,6 +509,10 @@ class HFGenerativeVLMAdapter(ModelAdapter):
         self.save_preprocessing(out)
         logger.info("exported dense %s checkpoint to %s (%d low-rank layers merged)", self.family, out, merged)
 
+    def exported_spec(self, out_dir: str | Path) -> str:
+        """``hf:<dir>``: the export loads with the stock ``from_pretrained`` + ``AutoProcessor``."""
+        return f"hf:{Path(out_dir).resolve()}"
+
 
 class HFLlavaAdapter(HFGenerativeVLMAdapter):
     """transformers ``LlavaForConditionalGeneration`` (``hf:llava-hf/llava-1.5-7b-hf`` or a local directory)."""
