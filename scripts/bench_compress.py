@@ -16,6 +16,7 @@ trained model; the cost of the factorisation depends on the ranks, not on the va
 from __future__ import annotations
 
 import argparse
+import copy
 import sys
 import time
 from pathlib import Path
@@ -40,6 +41,8 @@ def main() -> None:
     p.add_argument("--target-reduction", type=float, default=0.4)
     p.add_argument("--als-iters", type=int, default=None, help="fixed ALS rounds (default: iterate to the tolerance)")
     p.add_argument("--device", default="auto")
+    p.add_argument("--solve-batch-sizes", type=int, nargs="+", default=None,
+                   help="also time the factorisation with these --solve-batch-size values (same model, same covariances)")
     args = p.parse_args()
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else ("cpu" if args.device == "auto" else args.device))
     print(f"# machine: {machine()}")
@@ -98,10 +101,12 @@ def main() -> None:
         sync(); floor[layer.group] = floor.get(layer.group, 0.0) + time.perf_counter() - t0
         key = "x".join(map(str, W.shape))
         shapes.setdefault(layer.group, {})[key] = shapes.setdefault(layer.group, {}).get(key, 0) + 1
+    pristine = copy.deepcopy(adapter) if args.solve_batch_sizes else None
     report = compress(adapter, config, calib, collectors=collectors)
     totals = report.group_totals()
     mode = f"ALS tau={args.als_iters}" if args.als_iters is not None else f"ALS to tol {config.als_tol:g}"
-    print(f"\n{'tower':<7} {'layers':>6} {'eps':>7} {'reduction':>9} {'factorise s':>11} {'floor s':>8} {'ratio':>6} {'ALS it':>6}  (spectra + {mode})")
+    size = config.solve_batch_size or ("32" if device.type == "cuda" else "1")
+    print(f"\n{'tower':<7} {'layers':>6} {'eps':>7} {'reduction':>9} {'factorise s':>11} {'floor s':>8} {'ratio':>6} {'ALS it':>6}  (spectra + {mode}; solve batch {size})")
     for group, t in totals.items():
         eps = report.tolerances.get(group, report.tolerances.get("*", float("nan")))
         its = [l.als_iters for l in report.layers if l.group == group and l.als_iters is not None]
@@ -110,11 +115,23 @@ def main() -> None:
               f"{t['seconds'] / floor[group]:>6.2f} {it_text:>6}")
     for group, counts in shapes.items():
         print(f"  {group} shapes: " + ", ".join(f"{k} x{v}" for k, v in counts.items()))
-    total = sum(t["seconds"] for t in totals.values())
+    total = report.seconds["spectra"] + report.seconds["factorisation"]
     print(f"both towers: {total:.2f} s factorisation (spectra {report.seconds['spectra']:.2f} s + solves "
           f"{report.seconds['factorisation']:.2f} s) vs floor {sum(floor.values()):.2f} s "
           f"(ratio {total / sum(floor.values()):.2f}); targeted reduction {report.targeted_reduction:.3f}")
-
+    for batch in args.solve_batch_sizes or []:
+        trial = copy.deepcopy(pristine)
+        other = compress(trial, config.replace(solve_batch_size=batch), calib, collectors=collectors)
+        same = other.rank_map == report.rank_map
+        worst = max(
+            (abs(a.act_error - b.act_error) / max(b.act_error, 1e-30) for a, b in zip(other.layers, report.layers) if a.act_error is not None),
+            default=0.0,
+        )
+        t = other.seconds["spectra"] + other.seconds["factorisation"]
+        print(f"solve batch {batch:>3}: {t:.2f} s (spectra {other.seconds['spectra']:.2f} s + solves "
+              f"{other.seconds['factorisation']:.2f} s), ratio to floor {t / sum(floor.values()):.2f}; "
+              f"same ranks: {same}, largest relative change of a layer's activation error: {worst:.1e}")
+        del trial
 
 if __name__ == "__main__":
     main()

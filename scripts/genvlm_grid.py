@@ -1,6 +1,7 @@
 #!/usr/bin/env python
 """A generative reference VLM: base likelihood zero-shot, then SVD / SVD-LLM / SVD-ALS / PGSVD
-(shared and auto split) at 20 / 40 / 60 % of the targeted parameters (vision tower + LM).
+(shared, auto and fixed eps_v / eps_t splits) at 20 / 40 / 60 % of the targeted parameters
+(vision tower + LM).
 
     python scripts/genvlm_grid.py --reference caltech101-llava --out eval/results/caltech101-llava
     python scripts/genvlm_grid.py --reference digits-llava --out eval/results/digits-llava
@@ -61,6 +62,8 @@ def main(argv=None) -> int:
     p.add_argument("--n-images", type=int, default=256, help="calibration pairs")
     p.add_argument("--batch-size", type=int, default=16, help="test images per likelihood batch")
     p.add_argument("--keep", action="store_true", help="keep the compressed checkpoints")
+    p.add_argument("--fixed-splits", type=float, nargs="*", default=[0.5, 2.0],
+                   help="PGSVD with these fixed eps_v / eps_t proportions too (besides shared = 1), to compare the auto split with")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     out = Path(args.out or f"eval/results/{args.reference}")
@@ -81,16 +84,19 @@ def main(argv=None) -> int:
         eval_args += ["--limit", str(args.limit)]
     cli(["eval", "--model", spec, "--label", "Base", *eval_args])
     for reduction in args.reductions:
-        for method, allocation in RUNS:
-            name = f"{method}-{allocation}-{round(100 * reduction)}"
+        runs = [(m, a, None) for m, a in RUNS] + [("pgsvd", "proportion", rho) for rho in args.fixed_splits]
+        for method, allocation, rho in runs:
+            name = f"{method}-{allocation}-{round(100 * reduction)}" + (f"-rho{rho:g}" if rho is not None else "")
+            split = dict(eps_proportion={"vision": rho, "text": 1.0}) if rho is not None else {}
             cfg = CompressionConfig(
                 model=spec, method=method, target_reduction=reduction, allocation=allocation, n_images=args.n_images,
-                batch_size=32, device="cpu", **calib,
+                batch_size=32, device="cpu", **split, **calib,
             )
             adapter, report = compress_model(spec, cfg)
             ckpt = save_compressed(adapter, work / "ckpt" / name, report, overwrite=True)
             del adapter
-            label = LABELS[method] + (f" ({allocation})" if method == "pgsvd" else "")
+            label = LABELS[method] + (f" ({allocation})" if method == "pgsvd" and rho is None else "")
+            label += f" (fixed split eps_v/eps_t = {rho:g})" if rho is not None else ""
             cli(["eval", "--model", str(ckpt), "--label", label, *eval_args])
             if not args.keep:
                 shutil.rmtree(ckpt)

@@ -31,13 +31,15 @@ from vlmpress.config import CompressionConfig, parse_device
 from vlmpress.core.covariance import CovarianceCollector
 from vlmpress.core.lowrank import LowRankLinear
 from vlmpress.core.rank import break_even_rank, saves_parameters
-from vlmpress.core.solvers import factorize, svd_of
+from vlmpress.core.batched import BATCHED_SOLVERS, BatchItem, full_svd, gram_eigen, plan_batches, solve_batched
+from vlmpress.core.solvers import Factorization, factorize
 from vlmpress.errors import CalibrationError, ConfigError
 from vlmpress.report import CompressionReport, LayerReport
 
 logger = logging.getLogger(__name__)
 
-SVD_CACHE_BYTES = 4 * 2**30  # keep full SVDs from rank planning for the solvers up to this size
+SVD_CACHE_BYTES = 4 * 2**30  # keep singular vectors from rank planning for the solvers up to this size
+SOLVE_BATCH_BYTES = 2**30  # float64 working memory of one batched solve
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -167,21 +169,35 @@ def _inventory(adapter: ModelAdapter, candidates: list[TargetLayer]) -> dict:
         return {}
 
 
+def layer_spectrum(W: torch.Tensor, device: torch.device, budget: int) -> tuple[torch.Tensor, tuple | None, int]:
+    """(singular values, cached spectrum or None, bytes used) of one weight, float64 on ``device``.
+
+    One ``eigh`` of the smaller-side Gram matrix gives the singular values and, while they fit the
+    cache ``budget``, that side's singular vectors for the solvers (the other side is formed only
+    if a solver needs it). Beyond the budget only the values are computed. Whole and sequential
+    mode both call this, so their tolerance ranks are bit-identical.
+    """
+    n, m = W.shape
+    d = min(n, m)
+    W64 = W.detach().to(device=device, dtype=torch.float64)
+    need = 8 * d * (d + 1)
+    if need <= budget:
+        S, vecs = gram_eigen(W64)
+        return S, (S, vecs), need
+    G = W64 @ W64.mT if n <= m else W64.mT @ W64
+    return torch.linalg.eigvalsh(0.5 * (G + G.mT)).flip(-1).clamp_min(0).sqrt(), None, 0
+
+
 def _spectra(layers: list[TargetLayer], device: torch.device, keep_vectors: bool) -> tuple[dict, dict, dict]:
-    """Singular values per layer (and the full SVD when it fits the cache budget), with seconds spent."""
+    """Singular values per layer (and the smaller side's vectors while they fit the cache budget), with seconds spent."""
     values, cache, seconds = {}, {}, {}
     budget = SVD_CACHE_BYTES if keep_vectors else 0
     for layer in tqdm(layers, desc="spectra", unit="layer", leave=False):
         t0 = time.perf_counter()
-        W = layer.weight_matrix.detach()
-        n, m = W.shape
-        need = 8 * (n * min(n, m) + min(n, m) * m)
-        if need <= budget:
-            U, S, Vh = svd_of(W, device)
-            cache[layer.name] = (U, S, Vh)
-            budget -= need
-        else:
-            S = torch.linalg.svdvals(W.to(device=device, dtype=torch.float64))
+        S, cached, used = layer_spectrum(layer.weight_matrix, device, budget)
+        budget -= used
+        if cached is not None:
+            cache[layer.name] = cached
         values[layer.name] = S.cpu()
         seconds[layer.name] = time.perf_counter() - t0
     return values, cache, seconds
@@ -234,25 +250,103 @@ def factorise_layer(
     svd: tuple | None = None,
     extra_seconds: float = 0.0,
 ) -> LayerReport:
-    """Factorise one layer with the config's solver and swap in a LowRankLinear (shared by all modes)."""
+    """Factorise one layer with the config's solver and swap in a LowRankLinear (shared by all modes).
+
+    ``svd``: the layer's cached spectrum from :func:`layer_spectrum` (singular values and the smaller
+    side's vectors), or a full ``(U, S, Vh)``.
+    """
     W = layer.weight_matrix.detach()
     t_layer = time.perf_counter()
+    if svd is not None and len(svd) == 2:
+        svd = full_svd(W.to(device), *svd)
     result = factorize(
         config.solver, W, rank, M, device=device, iters=config.als_iters, tol=config.als_tol,
         max_iters=config.als_max_iters, svd=svd,
     )
+    return install_factors(
+        adapter, layer, plan, result, tol=tol, ratio=ratio, tokens=tokens,
+        seconds=time.perf_counter() - t_layer + extra_seconds,
+    )
+
+
+def install_factors(
+    adapter: ModelAdapter,
+    layer: TargetLayer,
+    plan: LayerPlan,
+    result: Factorization,
+    *,
+    tol: float | None,
+    ratio: float | None,
+    tokens: int | None,
+    seconds: float,
+) -> LayerReport:
+    """Swap a LowRankLinear built from ``result`` in for ``layer``; its report row."""
+    W = layer.weight_matrix
     bias = _layer_bias(layer.module)
     new = LowRankLinear.from_factors(result.A, result.B, bias, dtype=W.dtype, device=W.device)
     if not all(torch.isfinite(p).all() for p in new.parameters()):
         raise FloatingPointError(f"non-finite factors for layer {layer.name}; the model was not modified further")
     replace_module(adapter.model, layer.name, new)
-    seconds = time.perf_counter() - t_layer + extra_seconds
     return LayerReport(
-        plan.name, plan.group, plan.kind, plan.out_features, plan.in_features, rank, "compressed",
+        plan.name, plan.group, plan.kind, plan.out_features, plan.in_features, result.rank, "compressed",
         plan.dense_params, new.num_parameters(), tol, ratio, result.weight_rel_error,
         result.act_rel_error_init, result.act_rel_error, tokens, seconds,
         als_iters=result.info.get("iters") if result.method == "als" else None,
     )
+
+
+def solve_batch_size(config: CompressionConfig, device: torch.device) -> int:
+    """Layers per batched solve: the config's value, else 32 on CUDA (one sync per round for the
+    whole batch) and 1 on CPU, where batching saves no arithmetic (measured: scripts/bench_compress.py)."""
+    if config.solve_batch_size is not None:
+        return int(config.solve_batch_size)
+    return 32 if device.type == "cuda" else 1
+
+
+def factorise_batched(
+    adapter: ModelAdapter,
+    items: list[tuple[TargetLayer, LayerPlan, int, float | None]],
+    config: CompressionConfig,
+    device: torch.device,
+    collectors: dict[str, CovarianceCollector],
+    svd_cache: dict,
+    svd_seconds: dict,
+    ratio: float | None,
+    progress=None,
+) -> list[LayerReport]:
+    """Factorise same-shape layers in batches (:mod:`vlmpress.core.batched`) and swap them in."""
+    by_name = {layer.name: (layer, plan, rank, tol) for layer, plan, rank, tol in items}
+    batches = plan_batches(
+        [BatchItem(layer.name, tuple(layer.weight_matrix.shape), rank) for layer, _, rank, _ in items],
+        solve_batch_size(config, device), max_bytes=SOLVE_BATCH_BYTES,
+    )
+    reports = []
+    for batch in batches:
+        members = [by_name[item.key] for item in batch]
+        t0 = time.perf_counter()
+        W = torch.stack([layer.weight_matrix.detach().to(device=device, dtype=torch.float64) for layer, *_ in members])
+        M = torch.stack([collectors[layer.group].covariance(layer.name).to(device=device, dtype=torch.float64) for layer, *_ in members])
+        cached = [svd_cache.pop(layer.name, None) for layer, *_ in members]
+        spectra = None
+        if all(c is not None and len(c) == 2 for c in cached):
+            spectra = (torch.stack([c[0] for c in cached]).to(device), torch.stack([c[1] for c in cached]).to(device))
+        results = solve_batched(
+            config.solver, W, M, [rank for _, _, rank, _ in members], spectra=spectra, iters=config.als_iters,
+            tol=config.als_tol, max_iters=config.als_max_iters,
+        )
+        del W, M, spectra
+        share = (time.perf_counter() - t0) / len(members)
+        for (layer, plan, rank, tol), result in zip(members, results):
+            collector = collectors[layer.group]
+            reports.append(
+                install_factors(
+                    adapter, layer, plan, result, tol=tol, ratio=ratio, tokens=collector.token_count(layer.name),
+                    seconds=share + svd_seconds.get(layer.name, 0.0),
+                )
+            )
+            if progress is not None:
+                progress.update()
+    return reports
 
 
 def _calibration_batches(adapter: ModelAdapter, group: str, calibration: Any, config: CompressionConfig) -> Iterable:
@@ -377,21 +471,32 @@ def compress(
         tol = used_tolerances[tolerance_key(plan, used_tolerances)] if used_tolerances else None
         if layer.name not in compressible_names:
             reports.append(dense_layer_report(plan, rank, tol, ratio))
-    progress = tqdm(compressible, desc="factorise", unit="layer", leave=False)
-    for layer, plan in progress:
-        rank = ranks[plan.name]
-        tol = used_tolerances[tolerance_key(plan, used_tolerances)] if used_tolerances else None
-        M, tokens = None, None
-        if collectors is not None:
-            collector = collectors[layer.group]
-            M = collector.covariance(layer.name)
-            tokens = collector.token_count(layer.name)
-        reports.append(
-            factorise_layer(
-                adapter, layer, plan, rank, config, device, tol=tol, ratio=ratio, M=M, tokens=tokens,
-                svd=svd_cache.pop(layer.name, None), extra_seconds=svd_seconds.get(layer.name, 0.0),
-            )
-        )
+    # activation-aware solves go through the batched solver (batches of one on CPU by default: same
+    # arithmetic as per-layer, and the singular vectors from rank planning are used as they are)
+    batched = collectors is not None and config.solver in BATCHED_SOLVERS
+    with tqdm(total=len(compressible), desc="factorise", unit="layer", leave=False) as progress:
+        if batched:
+            items = [
+                (layer, plan, ranks[plan.name], used_tolerances[tolerance_key(plan, used_tolerances)] if used_tolerances else None)
+                for layer, plan in compressible
+            ]
+            reports += factorise_batched(adapter, items, config, device, collectors, svd_cache, svd_seconds, ratio, progress)
+        else:
+            for layer, plan in compressible:
+                rank = ranks[plan.name]
+                tol = used_tolerances[tolerance_key(plan, used_tolerances)] if used_tolerances else None
+                M, tokens = None, None
+                if collectors is not None:
+                    collector = collectors[layer.group]
+                    M = collector.covariance(layer.name)
+                    tokens = collector.token_count(layer.name)
+                reports.append(
+                    factorise_layer(
+                        adapter, layer, plan, rank, config, device, tol=tol, ratio=ratio, M=M, tokens=tokens,
+                        svd=svd_cache.pop(layer.name, None), extra_seconds=svd_seconds.get(layer.name, 0.0),
+                    )
+                )
+                progress.update()
     t_factor = time.perf_counter() - t0
     return finish_report(
         adapter, config, layers, reports, used_tolerances, ratio, whole_before, calibration,

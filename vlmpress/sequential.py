@@ -49,6 +49,7 @@ from vlmpress.compress import (
     factorise_layer,
     finish_report,
     layer_plan,
+    layer_spectrum,
     plan_ranks,
     resolve_device,
     select_layers,
@@ -56,7 +57,6 @@ from vlmpress.compress import (
 from vlmpress.config import CompressionConfig
 from vlmpress.core.covariance import CovarianceCollector
 from vlmpress.core.rank import saves_parameters
-from vlmpress.core.solvers import svd_of
 from vlmpress.errors import CalibrationError, ConfigError
 from vlmpress.report import CompressionReport, LayerReport
 
@@ -292,9 +292,8 @@ def _block_spectra(
 ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     """Singular values of every target, block by block, computed exactly as whole mode does.
 
-    Whole mode takes ``S`` from the full SVD (:func:`svd_of`) for layers that fit its SVD cache and
-    from ``svdvals`` beyond; the same split is applied here (vectors dropped) so the tolerance
-    ranks are bit-identical between the two modes.
+    Both modes call :func:`layer_spectrum` with the same cache budget (vectors dropped here), so
+    the tolerance ranks are bit-identical between the two modes.
     """
     values: dict[str, torch.Tensor] = {}
     seconds: dict[str, float] = {}
@@ -305,13 +304,8 @@ def _block_spectra(
             for layer in layers:
                 t0 = time.perf_counter()
                 W = _layer_weight(block, prefix, layer)
-                n, m = W.shape
-                need = 8 * (n * min(n, m) + min(n, m) * m)
-                if need <= budget:
-                    _, S, _ = svd_of(W, device)
-                    budget -= need
-                else:
-                    S = torch.linalg.svdvals(W.to(device=device, dtype=torch.float64))
+                S, _, used = layer_spectrum(W, device, budget)
+                budget -= used
                 values[layer.name] = S.cpu()
                 seconds[layer.name] = time.perf_counter() - t0
                 progress.update()

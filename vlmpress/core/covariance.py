@@ -179,14 +179,13 @@ class CovarianceCollector:
         rows = self._select(name, x)
         n = rows.shape[0]
         if n:
-            rows = rows.to(self.compute_dtype)
-            product = gram(rows).to(torch.float64)
+            product = gram(rows.to(self.compute_dtype))
             if self.storage_device is not None:
                 product = product.to(self.storage_device)
             if name in self._sums:
-                self._sums[name].add_(product)
+                self._sums[name].add_(product)  # promoted in place: no float64 copy of the batch's product
             else:
-                self._sums[name] = product
+                self._sums[name] = product.to(torch.float64)
         self._tokens[name] = self._tokens.get(name, 0) + n
         if self.share_inputs:
             self._last_input = x

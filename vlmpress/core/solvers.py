@@ -19,6 +19,7 @@ reported error is the error of the returned factors.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -133,7 +134,7 @@ def svd_of(W: torch.Tensor, device=None, driver: str = "gram") -> tuple[torch.Te
         return torch.linalg.svd(W64, full_matrices=False)
     if driver != "gram":
         raise ConfigError(f"unknown SVD driver '{driver}' (use 'gram' or 'lapack')")
-    tall = W64.shape[0] >= W64.shape[1]
+    tall = W64.shape[0] > W64.shape[1]  # square: W W^T, as vlmpress.core.batched.gram_eigen
     G = W64.mT @ W64 if tall else W64 @ W64.mT
     evals, vecs = torch.linalg.eigh(_symmetrize(G))
     evals, vecs = evals.flip(0), vecs.flip(1)  # descending
@@ -270,6 +271,7 @@ class _Reduced:
     K: torch.Tensor
     Z: torch.Tensor | None = None  # explicit orthonormal factor (from an SVD of W)
     R: torch.Tensor | None = None  # or: upper-triangular R with Z = W R^-1 (Cholesky-QR)
+    V_over_S: torch.Tensor | None = None  # or: Z = W V S^-1 from the SVD, never formed (batched solves)
     basis: str = "identity"
 
     @property
@@ -282,6 +284,8 @@ class _Reduced:
             return self.Z @ Q
         if self.R is not None:
             return self.W @ torch.linalg.solve_triangular(self.R, Q, upper=True)
+        if self.V_over_S is not None:
+            return self.W @ (self.V_over_S @ Q)
         return Q
 
     def factors(self, Q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -367,6 +371,27 @@ def _orthonormal(Y: torch.Tensor) -> torch.Tensor:
             return torch.linalg.qr(Y).Q
         X = torch.linalg.solve_triangular(L.mT, X, upper=True, left=False)
     return X
+
+
+def finish_at_limit(history: list[float], it: int, budget: int, tol: float) -> bool:
+    """Tolerance-mode ALS: stop iterating and take the rounds' limit (the top-r eigenspace of K)?
+
+    Yes once the rounds run cost about one eigendecomposition (``it >= budget``), or earlier when
+    the last three errors, extrapolated geometrically (subspace iteration converges linearly), say
+    the tolerance would only be met after the budget: then the remaining rounds are wasted work.
+    """
+    if it >= budget:
+        return True
+    if len(history) < 3:
+        return False
+    d1, d2 = history[-3] - history[-2], history[-2] - history[-1]
+    need = tol * max(history[-1], 1e-300)
+    if d2 <= need or d1 <= 0 or d2 <= 0:
+        return False
+    rho = d2 / d1
+    if rho >= 1.0:  # not (yet) a geometric decrease: no evidence either way
+        return False
+    return it + math.log(need / d2) / math.log(rho) > budget
 
 
 def _weight_error(reduced: _Reduced, B_unbalanced: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> float:
@@ -528,7 +553,7 @@ def solve_als(
         if not fixed and abs(history[-2] - history[-1]) <= tol * max(history[-1], 1e-300):
             converged = True
             break
-        if not fixed and it >= budget and it < n_rounds:
+        if not fixed and exact_finish and it < n_rounds and finish_at_limit(history, it, budget, tol):
             top, Q = _top_eigenvectors(K, rank)
             Q = Q.to(K)
             cur = max(total - float(top.clamp_min(0).sum()), 0.0)

@@ -1,0 +1,365 @@
+"""Batched factorisation: layers of one shape solved together (pure linear algebra).
+
+A transformer tower has a handful of layer shapes (q/k/v/out and the two MLP layers, repeated in
+every block). Solving each shape's layers as one batch turns ~100 small problems into a few
+batched ``torch.linalg`` calls: one host synchronisation per ALS round for the whole batch, and
+memory bounded by the batch size. Every member computes what the per-layer solver in
+:mod:`vlmpress.core.solvers` computes (same SVD start, same rounds, same stopping rule, same
+reported errors); the tests hold the two paths equal.
+
+Ranks may differ inside a batch (one tolerance gives heterogeneous ranks): a member of rank
+``r`` below the batch's largest rank ``R`` carries ``R - r`` zero columns. They stay exactly
+zero: its Cholesky-QR Gram is block-diagonal with an identity block on the padding, and its
+Householder fallback is masked. :func:`plan_batches` keeps ranks in a batch within a factor so
+the padding wastes little work.
+
+Members the batched path does not cover (no activations at all, a tall weight too ill-conditioned
+for the implicit SVD basis) are solved by the per-layer solver, so every edge case keeps one
+implementation.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from vlmpress.core.solvers import (
+    _ALS_MAX_ITERS,
+    _ALS_TOL,
+    _CHOLQR_MIN_PIVOT,
+    _ROUNDS_PER_EIGH,
+    _SVD_BASIS_MIN_RATIO,
+    Factorization,
+    _balance_columns,
+    _Reduced,
+    _rel_error,
+    _symmetrize,
+    _top_eigenvectors,
+    _weight_error,
+    finish_at_limit,
+    solve_als,
+    solve_svd_llm,
+)
+from vlmpress.errors import ConfigError
+
+BATCHED_SOLVERS = ("als", "svd_llm")
+
+
+@dataclass(frozen=True)
+class BatchItem:
+    """One layer to factorise: its key (e.g. the layer name), weight shape and rank."""
+
+    key: str
+    shape: tuple[int, int]
+    rank: int
+
+
+def plan_batches(
+    items: Sequence[BatchItem], max_layers: int, *, max_bytes: int = 2**30, rank_spread: float = 1.25
+) -> list[list[BatchItem]]:
+    """Group items into batches of one weight shape, at most ``max_layers`` layers and ``max_bytes``
+    of float64 working memory each, with ranks within ``rank_spread`` of the batch's largest
+    (padding smaller ranks up to it costs work). Order inside a shape: rank descending."""
+    if max_layers < 1:
+        raise ConfigError(f"solve batch size must be >= 1, got {max_layers}")
+    by_shape: dict[tuple[int, int], list[BatchItem]] = {}
+    for item in items:
+        by_shape.setdefault(tuple(item.shape), []).append(item)
+    batches: list[list[BatchItem]] = []
+    for (n, m), group in by_shape.items():
+        d = min(n, m)
+        group = sorted(group, key=lambda it: -it.rank)
+        current: list[BatchItem] = []
+        for item in group:
+            per_layer = 8 * (2 * n * m + m * m + d * d + 4 * d * (current[0].rank if current else item.rank))
+            full = (
+                len(current) >= max_layers
+                or (current and item.rank * rank_spread < current[0].rank)
+                or (current and per_layer * (len(current) + 1) > max_bytes)
+            )
+            if full:
+                batches.append(current)
+                current = []
+            current.append(item)
+        if current:
+            batches.append(current)
+    return batches
+
+
+def gram_eigen(W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Singular values (descending) and the singular vectors of W's smaller side, from one float64
+    ``eigh`` of that side's Gram matrix (U for a wide or square W, V for a tall one; the same
+    convention as :func:`vlmpress.core.solvers.svd_of`). Works on a batch."""
+    W = W.to(torch.float64)
+    wide = W.shape[-2] <= W.shape[-1]
+    G = W @ W.mT if wide else W.mT @ W
+    evals, vecs = torch.linalg.eigh(_symmetrize(G))
+    return evals.flip(-1).clamp_min(0).sqrt(), vecs.flip(-1)
+
+
+def _inverse_values(S: torch.Tensor) -> torch.Tensor:
+    floor = S[..., :1] * 1e-150
+    return torch.where(S > floor, 1.0 / S.clamp_min(torch.finfo(torch.float64).tiny), torch.zeros_like(S))
+
+
+def full_svd(W: torch.Tensor, S: torch.Tensor, vecs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(U, S, Vh)`` of one W from :func:`gram_eigen`'s output (the other side's vectors by one product)."""
+    W = W.to(vecs)
+    inv = _inverse_values(S)
+    if W.shape[0] > W.shape[1]:
+        return (W @ vecs) * inv, S, vecs.mT
+    return vecs, S, inv.unsqueeze(-1) * (vecs.mT @ W)
+
+
+def _orthonormal_batched(Y: torch.Tensor, pad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cholesky-QR twice on a batch (padding columns get an identity Gram block and stay zero).
+    Returns (Q, ok): members with ``ok`` False need the Householder fallback (checked by the caller
+    at its one sync per round, so this function never synchronises)."""
+    X = Y
+    ok = torch.ones(Y.shape[0], dtype=torch.bool, device=Y.device)
+    eye_pad = torch.diag_embed(pad)
+    for _ in range(2):
+        G = X.mT @ X
+        diag_max = G.diagonal(dim1=-2, dim2=-1).amax(-1)
+        L, info = torch.linalg.cholesky_ex(G + eye_pad)
+        pivots = L.diagonal(dim1=-2, dim2=-1)
+        real = pivots.square().masked_fill(pad > 0, math.inf).amin(-1)
+        ok &= (info == 0) & (real > 1e-14 * diag_max)
+        X = torch.linalg.solve_triangular(L.mT, X, upper=True, left=False)
+    return X, ok
+
+
+def _householder(Y: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Per-layer fallback of :func:`_orthonormal_batched` (QR is column-sequential, so the first r
+    columns equal those of the unpadded QR; the padding's completion vectors are masked)."""
+    return torch.linalg.qr(Y).Q * keep
+
+
+@dataclass
+class _BatchProblem:
+    """The stacked reduced problems (see :mod:`vlmpress.core.solvers`): W = Z C, K = C M C^T."""
+
+    W: torch.Tensor  # (b, n, m)
+    M: torch.Tensor  # (b, m, m)
+    C: torch.Tensor  # (b, d, m)
+    K: torch.Tensor  # (b, d, d)
+    V_over_S: torch.Tensor | None = None  # tall W, SVD basis: Z = W V S^-1 (never formed)
+    R: torch.Tensor | None = None  # tall W, Cholesky-QR basis: Z = W R^-1 (upper-triangular R = C)
+
+    @classmethod
+    def build(cls, W, M, S=None, vecs=None) -> tuple["_BatchProblem", list[bool]]:
+        """The batch's problem and which members it covers (a tall W needs a well-conditioned basis:
+        the SVD one when rank planning gave the spectra, else a Cholesky-QR, as :func:`_reduce`)."""
+        b, n, m = W.shape
+        if n <= m:
+            return cls(W, M, W, _symmetrize(W @ M @ W.mT)), [True] * b
+        if S is not None:
+            covered = (S[:, m - 1] > _SVD_BASIS_MIN_RATIO * S[:, 0]).tolist()
+            C = S.unsqueeze(-1) * vecs.mT  # S V^T (d x m)
+            return cls(W, M, C, _symmetrize(C @ M @ C.mT), V_over_S=vecs * _inverse_values(S).unsqueeze(-2)), covered
+        G = W.mT @ W
+        L, info = torch.linalg.cholesky_ex(G)
+        pivots = L.diagonal(dim1=-2, dim2=-1)
+        ok = (info == 0) & (pivots.square().amin(-1) > _CHOLQR_MIN_PIVOT * G.diagonal(dim1=-2, dim2=-1).amax(-1))
+        R = L.mT
+        return cls(W, M, R, _symmetrize(R @ M @ L), R=R), ok.tolist()
+
+    @property
+    def basis(self) -> str:
+        return "svd" if self.V_over_S is not None else "cholesky-qr" if self.R is not None else "identity"
+
+    def member(self, i: int) -> _Reduced:
+        V_over_S = None if self.V_over_S is None else self.V_over_S[i]
+        R = None if self.R is None else self.R[i]
+        return _Reduced(self.W[i], self.M[i], self.C[i], self.K[i], R=R, V_over_S=V_over_S, basis=self.basis)
+
+    def finish(self, i: int, rank: int, Q: torch.Tensor, sq_error: float, total: float, method: str, seconds: float,
+               balance: bool, **extra) -> Factorization:
+        """Member i's :class:`Factorization` from its (unpadded) Q, exactly as the per-layer solvers finish."""
+        reduced = self.member(i)
+        A, B0 = reduced.factors(Q)
+        A, B = _balance_columns(A, B0) if balance else (A, B0)
+        act, explicit = _rel_error(reduced, Q, sq_error, total)
+        history = extra.pop("history", [])
+        act0 = None
+        if method == "als":
+            history[extra["best_iter"]] = act  # the returned iterate's entry holds its exact value
+            if explicit and extra["best_iter"] != 0:
+                history[0] = _rel_error(reduced, extra.pop("Q0")[:, :rank], 0.0, total)[0]
+            extra.pop("Q0", None)
+            act0 = history[0]
+        info = dict(extra, basis=self.basis, explicit_error=explicit)
+        return Factorization(A, B, method, rank, _weight_error(reduced, B0, A, B), act, act0, seconds, history, info)
+
+
+def _per_layer(method, W, M, rank, S, vecs, **kwargs) -> Factorization:
+    svd = full_svd(W, S, vecs) if S is not None else None
+    solver = solve_als if method == "als" else solve_svd_llm
+    result = solver(W, rank, M, svd=svd, **kwargs)
+    result.info["batch"] = 1
+    return result
+
+
+def solve_batched(
+    method: str,
+    W: torch.Tensor,
+    M: torch.Tensor,
+    ranks: Sequence[int],
+    *,
+    spectra: tuple[torch.Tensor, torch.Tensor] | None = None,
+    iters: int | None = None,
+    tol: float = _ALS_TOL,
+    max_iters: int = _ALS_MAX_ITERS,
+    balance: bool = True,
+    exact_finish: bool = True,
+) -> list[Factorization]:
+    """Factorise a batch of same-shape layers: ``W`` (b, n, m), ``M`` (b, m, m), one rank each.
+
+    ``method`` is ``als`` (PGSVD / SVD-ALS rounds, fixed ``iters`` or to ``tol``) or ``svd_llm``
+    (closed form). ``spectra`` = :func:`gram_eigen` of W when rank planning already has it (the ALS
+    start and the tall basis come from it). Computes on W's device in float64; returns one
+    :class:`Factorization` per member, as the per-layer solver would (``info['batch']`` = b).
+    """
+    if method not in BATCHED_SOLVERS:
+        raise ConfigError(f"no batched solver for '{method}' (batched: {', '.join(BATCHED_SOLVERS)})")
+    if W.dim() != 3 or M.dim() != 3 or M.shape[0] != W.shape[0] or M.shape[-2:] != (W.shape[-1], W.shape[-1]):
+        raise ConfigError(f"batched solve needs W (b, n, m) and M (b, m, m), got {tuple(W.shape)} and {tuple(M.shape)}")
+    b, n, m = W.shape
+    d = min(n, m)
+    ranks = [int(r) for r in ranks]
+    if len(ranks) != b or not all(1 <= r <= d for r in ranks):
+        raise ConfigError(f"batched solve needs {b} ranks in [1, {d}], got {ranks}")
+    fixed = iters is not None
+    if method == "als" and fixed and int(iters) < 0:
+        raise ConfigError(f"als iterations must be >= 0, got {iters}")
+    if method == "als" and not fixed and not (tol > 0 and int(max_iters) >= 1):
+        raise ConfigError(f"als tolerance must be > 0 and max_iters >= 1, got tol={tol}, max_iters={max_iters}")
+    if not bool(torch.isfinite(W).all() and torch.isfinite(M).all()):
+        raise ConfigError("weight or covariance contains NaN or inf; refusing to factorise it")
+    t0 = time.perf_counter()
+    W, M = W.to(torch.float64), _symmetrize(M.to(torch.float64))
+    if method == "als":
+        kwargs = dict(iters=iters, tol=tol, max_iters=max_iters, balance=balance, exact_finish=exact_finish)
+    else:
+        kwargs = dict(balance=balance)
+    if spectra is None and method == "als":
+        spectra = gram_eigen(W)
+    S, vecs = (t.to(W) for t in spectra) if spectra is not None else (None, None)
+
+    # tall weights too ill-conditioned for the batch's basis, and layers whose inputs are all zero,
+    # go to the per-layer solver (which picks a Householder QR basis / returns the truncated SVD)
+    problem, covered = _BatchProblem.build(W, M, S, vecs)
+    totals = problem.K.diagonal(dim1=-2, dim2=-1).sum(-1).tolist()  # sync: which members see activations
+    results: list[Factorization | None] = [None] * b
+    idx = []
+    for i in range(b):
+        if covered[i] and totals[i] > 0:
+            idx.append(i)
+        else:
+            results[i] = _per_layer(method, W[i], M[i], ranks[i], None if S is None else S[i], None if vecs is None else vecs[i], **kwargs)
+    if idx:
+        if method == "svd_llm":
+            _closed_form(problem, idx, ranks, totals, balance, results, t0)
+        else:
+            _als(problem, idx, ranks, totals, vecs, fixed, iters, tol, max_iters, exact_finish, balance, results, t0)
+    return results  # type: ignore[return-value]
+
+
+def _closed_form(problem: _BatchProblem, idx, ranks, totals, balance, results, t0) -> None:
+    """Top-r eigenvectors of every covered member's K (one batched eigh on GPU, MRRR per member on CPU)."""
+    K = problem.K[idx]
+    if K.device.type == "cpu":
+        tops = [_top_eigenvectors(K[j], ranks[i]) for j, i in enumerate(idx)]
+    else:
+        vals, vecs = torch.linalg.eigh(K)
+        vals, vecs = vals.flip(-1), vecs.flip(-1)
+        tops = [(vals[j, : ranks[i]], vecs[j, :, : ranks[i]]) for j, i in enumerate(idx)]
+    tails = torch.stack([top.clamp_min(0).sum() for top, _ in tops]).tolist()
+    seconds = (time.perf_counter() - t0) / len(results)
+    for (_, Q), i, top_sum in zip(tops, idx, tails):
+        results[i] = problem.finish(
+            i, ranks[i], Q.to(problem.K), max(totals[i] - top_sum, 0.0), totals[i], "svd_llm", seconds, balance,
+            path="smaller-side eigh", batch=len(results),
+        )
+
+
+def _als(problem: _BatchProblem, idx, ranks, totals, vecs, fixed, iters, tol, max_iters, exact_finish, balance, results, t0) -> None:
+    """ALS rounds (subspace iteration ``Q <- orth(K Q)``, see :func:`solve_als`) for the covered
+    members together: one host sync per round; members leave the batch when they stop."""
+    dev = problem.K.device
+    d = problem.K.shape[-1]
+    R = max(ranks[i] for i in idx)
+    sel = torch.tensor(idx, device=dev)
+    keep = (torch.arange(R, device=dev) < torch.tensor([ranks[i] for i in idx], device=dev).unsqueeze(-1)).to(torch.float64)
+    K = problem.K[sel]
+    total = torch.tensor([totals[i] for i in idx], dtype=torch.float64, device=dev)
+    if problem.basis == "identity":  # wide: the SVD start's span is W's top-r left singular vectors
+        Q0 = vecs[sel][..., :R] * keep.unsqueeze(-2)
+    else:  # tall, SVD basis (C = S V^T): the first r coordinate directions
+        Q0 = torch.eye(d, R, dtype=torch.float64, device=dev).expand(len(idx), d, R) * keep.unsqueeze(-2)
+    KQ = K @ Q0
+    start = (total - (Q0 * KQ).sum((-2, -1))).clamp_min(0).tolist()
+    histories = [[(s / totals[i]) ** 0.5] for s, i in zip(start, idx)]
+    best_sq, best_iter, best_Q = list(start), [0] * len(idx), list(Q0.unbind(0))
+    n_rounds = int(iters) if fixed else int(max_iters)
+    budgets = [
+        max(3, int(_ROUNDS_PER_EIGH * d / (2 * ranks[i] + 4 * ranks[i] * ranks[i] / d))) if exact_finish and not fixed else n_rounds
+        for i in idx
+    ]
+    done, converged, finish = [0] * len(idx), [fixed] * len(idx), [None] * len(idx)
+    active = list(range(len(idx)))  # positions (into idx) still iterating; K/keep/total/KQ hold only these
+    K_a, keep_a, total_a = K, keep, total
+    for it in range(1, n_rounds + 1):
+        if not active:
+            break
+        Q, ok = _orthonormal_batched(KQ, 1.0 - keep_a)
+        KQ_next = K_a @ Q
+        cur = (total_a - (Q * KQ_next).sum((-2, -1))).clamp_min(0)
+        host = torch.cat([cur, ok.to(torch.float64)]).tolist()  # the round's one host sync
+        cur_h, ok_h = host[: len(active)], host[len(active):]
+        for j, good in enumerate(ok_h):
+            if not good:  # ill-conditioned K Q: Householder QR for this member, as the per-layer solver does
+                Q[j] = _householder(KQ[j], keep_a[j])
+                KQ_next[j] = K_a[j] @ Q[j]
+                cur_h[j] = max(totals[idx[active[j]]] - float((Q[j] * KQ_next[j]).sum()), 0.0)
+        still: list[int] = []
+        for j, p in enumerate(active):
+            i = idx[p]
+            done[p] = it
+            histories[p].append((cur_h[j] / totals[i]) ** 0.5)
+            if cur_h[j] < best_sq[p]:
+                best_sq[p], best_iter[p], best_Q[p] = cur_h[j], it, Q[j]
+            h = histories[p]
+            if not fixed and abs(h[-2] - h[-1]) <= tol * max(h[-1], 1e-300):
+                converged[p] = True
+            elif not fixed and exact_finish and it < n_rounds and finish_at_limit(h, it, budgets[p], tol):
+                # slow convergence: jump to the rounds' limit, the top-r eigenspace of K (as solve_als)
+                top, Qe = _top_eigenvectors(K_a[j], ranks[i])
+                sq = max(totals[i] - float(top.clamp_min(0).sum()), 0.0)
+                h.append((sq / totals[i]) ** 0.5)
+                if sq <= best_sq[p]:
+                    padded = torch.zeros(d, R, dtype=torch.float64, device=dev)
+                    padded[:, : ranks[i]] = Qe.to(padded)
+                    best_sq[p], best_iter[p], best_Q[p] = sq, len(h) - 1, padded
+                converged[p], finish[p] = True, "limit"
+            else:
+                still.append(j)
+        if len(still) != len(active):
+            keep_idx = torch.tensor(still, dtype=torch.long, device=dev)
+            K_a, keep_a, total_a, KQ = K_a[keep_idx], keep_a[keep_idx], total_a[keep_idx], KQ_next[keep_idx]
+            active = [active[j] for j in still]
+        else:
+            KQ = KQ_next
+    seconds = (time.perf_counter() - t0) / len(results)
+    for p, i in enumerate(idx):
+        info = dict(mode="fixed" if fixed else "tolerance", iters=done[p], best_iter=best_iter[p], converged=converged[p], batch=len(results))
+        if finish[p]:
+            info["finish"] = finish[p]
+        results[i] = problem.finish(
+            i, ranks[i], best_Q[p][:, : ranks[i]], best_sq[p], totals[i], "als", seconds, balance,
+            history=histories[p], Q0=Q0[p], **info,
+        )
