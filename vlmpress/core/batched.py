@@ -238,10 +238,10 @@ def solve_batched(
         raise ConfigError(f"als iterations must be >= 0, got {iters}")
     if method == "als" and not fixed and not (tol > 0 and int(max_iters) >= 1):
         raise ConfigError(f"als tolerance must be > 0 and max_iters >= 1, got tol={tol}, max_iters={max_iters}")
-    if not bool(torch.isfinite(W).all() and torch.isfinite(M).all()):
-        raise ConfigError("weight or covariance contains NaN or inf; refusing to factorise it")
+    if not bool(torch.isfinite(W).all()):
+        raise ConfigError("weight contains NaN or inf; refusing to factorise it")
     t0 = time.perf_counter()
-    W, M = W.to(torch.float64), _symmetrize(M.to(torch.float64))
+    W, M = W.to(torch.float64), M.to(torch.float64)  # M enters via K (symmetrised) and tr(R M R^T) only
     if method == "als":
         kwargs = dict(iters=iters, tol=tol, max_iters=max_iters, balance=balance, exact_finish=exact_finish)
     else:
@@ -253,6 +253,8 @@ def solve_batched(
     # tall weights too ill-conditioned for the batch's basis, and layers whose inputs are all zero,
     # go to the per-layer solver (which picks a Householder QR basis / returns the truncated SVD)
     problem, covered = _BatchProblem.build(W, M, S, vecs)
+    if not bool(torch.isfinite(problem.K).all()):  # with a finite W, K = C M C^T is finite iff M is
+        raise ConfigError("covariance contains NaN or inf (check the calibration data); refusing to factorise it")
     totals = problem.K.diagonal(dim1=-2, dim2=-1).sum(-1).tolist()  # sync: which members see activations
     results: list[Factorization | None] = [None] * b
     idx = []

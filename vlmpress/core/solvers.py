@@ -452,7 +452,7 @@ def solve_svd_llm(
         raise ConfigError("svd_llm needs the input covariance M of the layer (run calibration first)")
     _check_inputs(W, rank, M)
     dev = _resolve_device(device, W)
-    W64, M64 = _as_f64(W, dev), _symmetrize(_as_f64(M, dev))
+    W64, M64 = _as_f64(W, dev), _as_f64(M, dev)  # M enters via K (symmetrised) and tr(R M R^T) only
     t0 = time.perf_counter()
     info: dict = {}
     reduced = _reduce(W64, M64, svd)
@@ -511,7 +511,7 @@ def solve_als(
         raise ConfigError(f"als tolerance must be > 0 and max_iters >= 1, got tol={tol}, max_iters={max_iters}")
     _check_inputs(W, rank, M)
     dev = _resolve_device(device, W)
-    W64, M64 = _as_f64(W, dev), _symmetrize(_as_f64(M, dev))
+    W64, M64 = _as_f64(W, dev), _as_f64(M, dev)  # M enters via K (symmetrised) and tr(R M R^T) only
     t0 = time.perf_counter()
     info: dict = {"mode": "fixed" if fixed else "tolerance"}
     U, S, Vh = _svd_start(W64, rank, svd)
