@@ -400,7 +400,7 @@ def _weight_error(reduced: _Reduced, B_unbalanced: torch.Tensor, A: torch.Tensor
     if not w2 > 0:
         return weight_relative_error(reduced.W, A, B)
     e2 = 1.0 - float(B_unbalanced.square().sum()) / w2
-    if reduced.basis == "cholesky-qr" or e2 < _EXPLICIT_BELOW * reduced.K.shape[0] * torch.finfo(torch.float64).eps:
+    if e2 < _EXPLICIT_BELOW * reduced.K.shape[0] * torch.finfo(torch.float64).eps:
         return weight_relative_error(reduced.W, A, B)
     return max(e2, 0.0) ** 0.5
 
