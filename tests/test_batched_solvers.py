@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vlmpress.core.batched import BatchItem, full_svd, gram_eigen, plan_batches, solve_batched
+from vlmpress.core.batched import BatchItem, full_svd, gram_eigen, plan_batches, solve_batched, top_eigenvectors_batched
 from vlmpress.core.solvers import solve_als, solve_svd_llm
 from vlmpress.errors import ConfigError
 
@@ -178,3 +178,15 @@ def test_pipeline_batched_equals_per_layer(method, extra):
         torch.testing.assert_close(a8.encode_image(images), a1.encode_image(images), rtol=1e-5, atol=1e-5)
         tokens = a1.tokenize(calib.captions[:4])
         torch.testing.assert_close(a8.encode_text(tokens), a1.encode_text(tokens), rtol=1e-5, atol=1e-5)
+
+
+def test_batched_eigh_route_equals_per_matrix_route():
+    """The route taken on GPUs (one batched eigh) gives the per-matrix route's eigenpairs (CPU check)."""
+    W, M = _batch((40, 40), 3, seed=4)
+    K = W @ M @ W.mT
+    K = 0.5 * (K + K.mT)
+    ranks = [10, 7, 12]
+    for (v1, Q1), (v2, Q2), r in zip(top_eigenvectors_batched(K, ranks, batched=True), top_eigenvectors_batched(K, ranks, batched=False), ranks):
+        assert Q1.shape == Q2.shape == (40, r)
+        torch.testing.assert_close(v1, v2, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(Q1 @ Q1.mT, Q2 @ Q2.mT, rtol=1e-8, atol=1e-8)  # same subspace
