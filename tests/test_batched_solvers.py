@@ -190,3 +190,21 @@ def test_batched_eigh_route_equals_per_matrix_route():
         assert Q1.shape == Q2.shape == (40, r)
         torch.testing.assert_close(v1, v2, rtol=1e-10, atol=1e-10)
         torch.testing.assert_close(Q1 @ Q1.mT, Q2 @ Q2.mT, rtol=1e-8, atol=1e-8)  # same subspace
+
+
+def test_batched_spectra_equal_per_layer_spectra():
+    """The batched spectra route (taken off the CPU) gives every layer the values and singular
+    subspaces of the per-layer route (checked on CPU)."""
+    from toy_adapter import ToyAdapter
+    from vlmpress.compress import _spectra
+
+    layers = ToyAdapter.load("toy:5").target_layers()
+    cpu = torch.device("cpu")
+    v1, c1, _ = _spectra(layers, cpu, True, 1)
+    v8, c8, _ = _spectra(layers, cpu, True, 8, batched=True)
+    assert v1.keys() == v8.keys() == c1.keys() == c8.keys()
+    for name in v1:
+        torch.testing.assert_close(v8[name], v1[name], rtol=1e-10, atol=1e-12)
+        (S1, U1), (S8, U8) = c1[name], c8[name]
+        k = int((S1 > 1e-8 * S1[0]).sum())  # subspaces of distinct, non-zero singular values
+        torch.testing.assert_close(U8[:, :k].abs(), U1[:, :k].abs(), rtol=1e-6, atol=1e-8)

@@ -188,11 +188,41 @@ def layer_spectrum(W: torch.Tensor, device: torch.device, budget: int) -> tuple[
     return torch.linalg.eigvalsh(0.5 * (G + G.mT)).flip(-1).clamp_min(0).sqrt(), None, 0
 
 
-def _spectra(layers: list[TargetLayer], device: torch.device, keep_vectors: bool) -> tuple[dict, dict, dict]:
-    """Singular values per layer (and the smaller side's vectors while they fit the cache budget), with seconds spent."""
+def _spectra(
+    layers: list[TargetLayer], device: torch.device, keep_vectors: bool, batch_size: int = 1, batched: bool | None = None
+) -> tuple[dict, dict, dict]:
+    """Singular values per layer (and the smaller side's vectors while they fit the cache budget), with seconds spent.
+
+    Off the CPU with ``batch_size`` > 1, same-shape layers whose vectors fit the budget share one
+    batched ``eigh`` call (one launch and sync per batch); each member gets the same values as
+    :func:`layer_spectrum` would give it alone, up to the device library's rounding.
+    """
     values, cache, seconds = {}, {}, {}
     budget = SVD_CACHE_BYTES if keep_vectors else 0
+    pending: dict[tuple[int, int], list[TargetLayer]] = {}
+
+    def flush(group: list[TargetLayer]) -> None:
+        t0 = time.perf_counter()
+        W = torch.stack([layer.weight_matrix.detach().to(device=device, dtype=torch.float64) for layer in group])
+        S, vecs = gram_eigen(W)
+        share = (time.perf_counter() - t0) / len(group)
+        for i, layer in enumerate(group):
+            cache[layer.name] = (S[i], vecs[i])
+            values[layer.name] = S[i].cpu()
+            seconds[layer.name] = share
+
+    if batched is None:
+        batched = device.type != "cpu"
+    batched = batched and batch_size > 1
     for layer in tqdm(layers, desc="spectra", unit="layer", leave=False):
+        shape = tuple(layer.weight_matrix.shape)
+        need = 8 * min(shape) * (min(shape) + 1)
+        if batched and need <= budget:
+            budget -= need
+            pending.setdefault(shape, []).append(layer)
+            if len(pending[shape]) >= batch_size:
+                flush(pending.pop(shape))
+            continue
         t0 = time.perf_counter()
         S, cached, used = layer_spectrum(layer.weight_matrix, device, budget)
         budget -= used
@@ -200,6 +230,8 @@ def _spectra(layers: list[TargetLayer], device: torch.device, keep_vectors: bool
             cache[layer.name] = cached
         values[layer.name] = S.cpu()
         seconds[layer.name] = time.perf_counter() - t0
+    for group in pending.values():
+        flush(group)
     return values, cache, seconds
 
 
@@ -432,7 +464,7 @@ def compress(
         for plan in plans:
             plan.singular_values = spectra_cache["values"][plan.name]
     elif config.rank_rule == "tolerance" or keep_vectors:
-        spectra, svd_cache, svd_seconds = _spectra(layers, device, keep_vectors)
+        spectra, svd_cache, svd_seconds = _spectra(layers, device, keep_vectors, solve_batch_size(config, device))
         for plan in plans:
             plan.singular_values = spectra[plan.name]
         if spectra_cache is not None:
