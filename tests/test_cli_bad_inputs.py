@@ -211,6 +211,8 @@ CASES = [
     Case("out-same-model-no-overwrite", lambda e: e.compress_toy(out=e.existing_output()) + ["--eps", "0.5"],
          "already holds a compressed checkpoint of the same model"),
     # ------------------------------------------------ tolerances, proportions, ratios, targets
+    Case("solve-batch-size-zero", lambda e: e.compress_toy() + ["--eps", "0.5", "--solve-batch-size", "0"],
+         "solve_batch_size must be a whole number >= 1"),
     Case("eps-nan", lambda e: e.compress_toy() + ["--eps", "nan"], "eps must be a relative error in [0, 1]"),
     Case("eps-inf", lambda e: e.compress_toy() + ["--eps-v", "inf", "--eps-t", "0.3"], "eps-v must be a relative error"),
     Case("ratio-nan", lambda e: e.compress_toy() + ["--method", "svd", "--ratio", "nan"], "ratio must be a fraction"),
