@@ -58,8 +58,8 @@ def main(argv=None) -> int:
             gap = best["metrics"]["top1"] - a["metrics"]["top1"]
             checks.append(
                 f"- {level} %: auto {100 * a['metrics']['top1']:.2f} % = {100 * keep:.1f} % of base top-1; best fixed split "
-                f"{best['label']} {100 * best['metrics']['top1']:.2f} % ± {100 * best['top1_stderr']:.2f}; auto is "
-                f"{100 * gap:+.2f} pp below it ({'within' if gap <= best['top1_stderr'] else 'MORE than'} one s.e.)"
+                f"{best['label']} {100 * best['metrics']['top1']:.2f} % ± {100 * best['top1_stderr']:.2f}; auto - best = "
+                f"{-100 * gap:+.2f} pp ({'not more than' if gap <= best['top1_stderr'] else 'MORE than'} one s.e. below)"
             )
     text = "\n".join(rows) + "\n\nAuto split vs fixed splits:\n\n" + "\n".join(checks) + "\n"
     (out / "summary.md").write_text(text)
