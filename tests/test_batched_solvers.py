@@ -208,3 +208,16 @@ def test_batched_spectra_equal_per_layer_spectra():
         (S1, U1), (S8, U8) = c1[name], c8[name]
         k = int((S1 > 1e-8 * S1[0]).sum())  # subspaces of distinct, non-zero singular values
         torch.testing.assert_close(U8[:, :k].abs(), U1[:, :k].abs(), rtol=1e-6, atol=1e-8)
+
+
+def test_block_triangular_gram_on_batches_and_wide_weights():
+    """The block-triangular Gram (used from 1024 wide) keeps batch dims and equals the plain product;
+    a 16 x 1100 weight (its Gram takes the block path) solves alike batched and per layer."""
+    from vlmpress.core.covariance import gram
+
+    X = torch.randn(2, 30, 1100, dtype=torch.float64)
+    torch.testing.assert_close(gram(X), X.mT @ X, rtol=1e-12, atol=1e-10)
+    torch.testing.assert_close(gram(X, min_width=8), X.mT @ X, rtol=1e-12, atol=1e-10)
+    W, M = _batch((16, 1100), 2, seed=9, n_samples=200)
+    for i, res in enumerate(solve_batched("als", W, M, [5, 4])):
+        _assert_same(res, solve_als(W[i], [5, 4][i], M[i]))

@@ -28,7 +28,7 @@ from vlmpress.allocation import (
     tolerances_for_target,
 )
 from vlmpress.config import CompressionConfig, parse_device
-from vlmpress.core.covariance import CovarianceCollector
+from vlmpress.core.covariance import CovarianceCollector, gram
 from vlmpress.core.lowrank import LowRankLinear
 from vlmpress.core.rank import break_even_rank, saves_parameters
 from vlmpress.core.batched import BATCHED_SOLVERS, BatchItem, full_svd, gram_eigen, plan_batches, solve_batched
@@ -184,8 +184,7 @@ def layer_spectrum(W: torch.Tensor, device: torch.device, budget: int) -> tuple[
     if need <= budget:
         S, vecs = gram_eigen(W64)
         return S, (S, vecs), need
-    G = W64 @ W64.mT if n <= m else W64.mT @ W64
-    return torch.linalg.eigvalsh(0.5 * (G + G.mT)).flip(-1).clamp_min(0).sqrt(), None, 0
+    return torch.linalg.eigvalsh(gram(W64.mT if n <= m else W64)).flip(-1).clamp_min(0).sqrt(), None, 0
 
 
 def _spectra(

@@ -27,6 +27,7 @@ from typing import Sequence
 
 import torch
 
+from vlmpress.core.covariance import gram
 from vlmpress.core.solvers import (
     _ALS_MAX_ITERS,
     _ALS_TOL,
@@ -96,8 +97,7 @@ def gram_eigen(W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     convention as :func:`vlmpress.core.solvers.svd_of`). Works on a batch."""
     W = W.to(torch.float64)
     wide = W.shape[-2] <= W.shape[-1]
-    G = W @ W.mT if wide else W.mT @ W
-    evals, vecs = torch.linalg.eigh(_symmetrize(G))
+    evals, vecs = torch.linalg.eigh(gram(W.mT if wide else W))  # block-triangular product from 1024 wide
     return evals.flip(-1).clamp_min(0).sqrt(), vecs.flip(-1)
 
 
@@ -161,7 +161,7 @@ class _BatchProblem:
             covered = (S[:, m - 1] > _SVD_BASIS_MIN_RATIO * S[:, 0]).tolist()
             C = S.unsqueeze(-1) * vecs.mT  # S V^T (d x m)
             return cls(W, M, C, _symmetrize(C @ M @ C.mT), V_over_S=vecs * _inverse_values(S).unsqueeze(-2)), covered
-        G = W.mT @ W
+        G = gram(W)
         L, info = torch.linalg.cholesky_ex(G)
         pivots = L.diagonal(dim1=-2, dim2=-1)
         ok = (info == 0) & (pivots.square().amin(-1) > _CHOLQR_MIN_PIVOT * G.diagonal(dim1=-2, dim2=-1).amax(-1))

@@ -30,23 +30,24 @@ _TRIANGLE_MIN_WIDTH = 1024  # from this input width the product skips the lower 
 
 
 def gram(rows: torch.Tensor, min_width: int = _TRIANGLE_MIN_WIDTH) -> torch.Tensor:
-    """``rows^T rows`` (m x m).
+    """``rows^T rows`` (m x m; leading batch dimensions are kept).
 
     From ``min_width`` on, only the block upper triangle is multiplied (one GEMM per block row,
     k = 4 or 8 blocks) and mirrored: (k + 1) / 2k of the full product's flops. An MLP's second
-    layer reads a 4x-wide input, so its covariance alone can cost more than the block's forward.
+    layer reads a 4x-wide input, so its covariance alone can cost more than the block's forward;
+    the solvers use it for the Gram matrices of large weights too.
     """
     m = rows.shape[-1]
     if m < min_width:
         return rows.mT @ rows
     k = 8 if m >= 2 * min_width else 4
     edges = [i * m // k for i in range(k + 1)]
-    out = rows.new_empty(m, m)
+    out = rows.new_empty(*rows.shape[:-2], m, m)
     for i in range(k):
         lo, hi = edges[i], edges[i + 1]
-        band = rows[:, lo:hi].mT @ rows[:, lo:]  # (hi - lo) x (m - lo)
-        out[lo:hi, lo:] = band
-        out[hi:, lo:hi] = band[:, hi - lo :].mT
+        band = rows[..., lo:hi].mT @ rows[..., lo:]  # (hi - lo) x (m - lo)
+        out[..., lo:hi, lo:] = band
+        out[..., hi:, lo:hi] = band[..., hi - lo :].mT
     return out
 
 

@@ -26,6 +26,7 @@ from typing import Callable
 
 import torch
 
+from vlmpress.core.covariance import gram
 from vlmpress.errors import ConfigError
 
 DEFAULT_RCOND = 1e-12  # relative eigenvalue cut-off for r x r pseudo-inverse solves
@@ -135,8 +136,7 @@ def svd_of(W: torch.Tensor, device=None, driver: str = "gram") -> tuple[torch.Te
     if driver != "gram":
         raise ConfigError(f"unknown SVD driver '{driver}' (use 'gram' or 'lapack')")
     tall = W64.shape[0] > W64.shape[1]  # square: W W^T, as vlmpress.core.batched.gram_eigen
-    G = W64.mT @ W64 if tall else W64 @ W64.mT
-    evals, vecs = torch.linalg.eigh(_symmetrize(G))
+    evals, vecs = torch.linalg.eigh(gram(W64 if tall else W64.mT))  # as vlmpress.core.batched.gram_eigen
     evals, vecs = evals.flip(0), vecs.flip(1)  # descending
     S = evals.clamp_min(0).sqrt()
     floor = S[0] * 1e-150 if S.numel() else 0
@@ -313,7 +313,7 @@ def _reduce(W64: torch.Tensor, M64: torch.Tensor, svd=None) -> _Reduced:
             C = S[:m].unsqueeze(-1) * Vh[:m]
             return _Reduced(W64, M64, C, _symmetrize(C @ M64 @ C.mT), Z=U[:, :m], basis="svd")
     else:
-        G = W64.mT @ W64
+        G = gram(W64)
         L, err = torch.linalg.cholesky_ex(G)
         if int(err) == 0 and bool(L.diagonal().min().square() > _CHOLQR_MIN_PIVOT * G.diagonal().max()):
             R = L.mT
