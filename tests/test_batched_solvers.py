@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vlmpress.core.batched import BatchItem, full_svd, gram_eigen, plan_batches, solve_batched, top_eigenvectors_batched
-from vlmpress.core.solvers import solve_als, solve_svd_llm
+from vlmpress.core.batched import BatchItem, plan_batches, solve_batched, top_eigenvectors_batched
+from vlmpress.core.solvers import full_svd, gram_eigen, solve_als, solve_svd_llm
 from vlmpress.errors import ConfigError
 
 

@@ -21,8 +21,7 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from vlmpress.adapters.base import ModelAdapter, VisionLanguageAdapter
-from vlmpress.allocation import LayerPlan, tolerances_for_target
+from vlmpress.adapters.base import VisionLanguageAdapter
 from vlmpress.compress import calibrate, compress, select_layers
 from vlmpress.config import CompressionConfig
 from vlmpress.data.calibration import CalibrationSet, image_batches
@@ -119,19 +118,36 @@ def search_allocation(
     scale = min(100.0, max(1.0, float(adapter.logit_scale())))
     reference = _embeddings(adapter, held, texts, config.batch_size)
     scorer = scorer or (lambda ref, cand_adapter, held_set: kl_score(ref, _embeddings(cand_adapter, held_set, texts, config.batch_size), scale))
+    candidates = score_proportions(
+        adapter, config, fit, state, proportions, lambda rho: {"vision": float(rho), "text": 1.0},
+        lambda trial: scorer(reference, trial, held), "KL",
+    )
+    return AutoAllocationResult(best_candidate(candidates), candidates, held.describe())
+
+
+def score_proportions(
+    adapter, config: CompressionConfig, fit, state: dict, proportions: Sequence[float],
+    weights_for: Callable[[float], dict[str, float]], score: Callable, score_name: str,
+) -> list[Candidate]:
+    """Compress a copy of ``adapter`` at each proportion rho = eps_v / eps_t (covariances and spectra
+    reused from ``state``) and score it with ``score(trial) -> (score, agreement)``."""
     candidates = []
     for rho in proportions:
-        weights = {"vision": float(rho), "text": 1.0}
         trial = copy.deepcopy(adapter)
-        probe = CompressionConfig(**{**config.to_dict(), "allocation": "proportion", "eps_proportion": weights})
+        probe = config.replace(allocation="proportion", eps_proportion=weights_for(rho))
         report = compress(trial, probe, fit, collectors=state.get("collectors"), spectra_cache=state["spectra"])
-        score, agreement = scorer(reference, trial, held)
-        candidates.append(Candidate(float(rho), report.tolerances, report.targeted_reduction, score, agreement))
-        logger.info("auto allocation: eps_v/eps_t=%.2f -> %s, reduction %.3f, KL %.5f, agreement %.3f",
-                    rho, {k: round(v, 4) for k, v in report.tolerances.items()}, report.targeted_reduction, score, agreement)
+        value, agreement = score(trial)
+        candidates.append(Candidate(float(rho), report.tolerances, report.targeted_reduction, value, agreement))
+        logger.info("auto allocation: eps_v/eps_t=%.2f -> %s, reduction %.3f, %s %.5f, agreement %.3f",
+                    rho, {k: round(v, 4) for k, v in report.tolerances.items()}, report.targeted_reduction,
+                    score_name, value, agreement)
         del trial
-    best = min(candidates, key=lambda c: (c.score, abs(math.log(c.proportion))))
-    return AutoAllocationResult(best, candidates, held.describe())
+    return candidates
+
+
+def best_candidate(candidates: list[Candidate]) -> Candidate:
+    """Lowest score; ties go to the proportion closest to 1 (the shared split)."""
+    return min(candidates, key=lambda c: (c.score, abs(math.log(c.proportion))))
 
 
 def auto_compress(

@@ -31,8 +31,8 @@ from vlmpress.config import CompressionConfig, parse_device
 from vlmpress.core.covariance import CovarianceCollector, gram
 from vlmpress.core.lowrank import LowRankLinear
 from vlmpress.core.rank import break_even_rank, saves_parameters
-from vlmpress.core.batched import BATCHED_SOLVERS, BatchItem, full_svd, gram_eigen, plan_batches, solve_batched
-from vlmpress.core.solvers import Factorization, factorize
+from vlmpress.core.batched import BATCHED_SOLVERS, BatchItem, plan_batches, solve_batched
+from vlmpress.core.solvers import Factorization, factorize, full_svd, gram_eigen
 from vlmpress.errors import CalibrationError, ConfigError
 from vlmpress.report import CompressionReport, LayerReport
 
@@ -169,6 +169,12 @@ def _inventory(adapter: ModelAdapter, candidates: list[TargetLayer]) -> dict:
         return {}
 
 
+def _spectrum_bytes(shape) -> int:
+    """Cache cost of one layer's spectrum: float64 singular values + the smaller side's vectors."""
+    d = min(shape)
+    return 8 * d * (d + 1)
+
+
 def layer_spectrum(W: torch.Tensor, device: torch.device, budget: int) -> tuple[torch.Tensor, tuple | None, int]:
     """(singular values, cached spectrum or None, bytes used) of one weight, float64 on ``device``.
 
@@ -178,9 +184,8 @@ def layer_spectrum(W: torch.Tensor, device: torch.device, budget: int) -> tuple[
     mode both call this, so their tolerance ranks are bit-identical.
     """
     n, m = W.shape
-    d = min(n, m)
     W64 = W.detach().to(device=device, dtype=torch.float64)
-    need = 8 * d * (d + 1)
+    need = _spectrum_bytes(W.shape)
     if need <= budget:
         S, vecs = gram_eigen(W64)
         return S, (S, vecs), need
@@ -215,7 +220,7 @@ def _spectra(
     batched = batched and batch_size > 1
     for layer in tqdm(layers, desc="spectra", unit="layer", leave=False):
         shape = tuple(layer.weight_matrix.shape)
-        need = 8 * min(shape) * (min(shape) + 1)
+        need = _spectrum_bytes(shape)
         if batched and need <= budget:
             budget -= need
             pending.setdefault(shape, []).append(layer)

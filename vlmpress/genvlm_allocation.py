@@ -11,9 +11,7 @@ Covariances and weight spectra are computed once and reused across candidates.
 
 from __future__ import annotations
 
-import copy
 import logging
-import math
 from collections.abc import Sequence
 
 import torch
@@ -23,10 +21,11 @@ from vlmpress.auto_allocation import (
     DEFAULT_PROPORTIONS,
     HELD_OUT_FRACTION,
     AutoAllocationResult,
-    Candidate,
+    best_candidate,
     compress_with_winner,
+    score_proportions,
 )
-from vlmpress.compress import calibrate, compress, select_layers
+from vlmpress.compress import calibrate, select_layers
 from vlmpress.config import CompressionConfig
 from vlmpress.errors import ConfigError
 from vlmpress.report import CompressionReport
@@ -91,19 +90,11 @@ def search_generative_allocation(
     state["spectra"] = {}
     batches = adapter.token_batches(held, config.batch_size)
     reference = caption_log_probs(adapter, batches)
-    candidates = []
-    for rho in proportions:
-        weights = _weights(groups, rho)
-        trial = copy.deepcopy(adapter)
-        probe = config.replace(allocation="proportion", eps_proportion=weights)
-        report = compress(trial, probe, fit, collectors=state.get("collectors"), spectra_cache=state["spectra"])
-        score, agreement = caption_kl(reference, caption_log_probs(trial, batches))
-        candidates.append(Candidate(float(rho), report.tolerances, report.targeted_reduction, score, agreement))
-        logger.info("auto allocation: eps_v/eps_t=%.2f -> %s, reduction %.3f, caption KL %.5f, agreement %.3f",
-                    rho, {k: round(v, 4) for k, v in report.tolerances.items()}, report.targeted_reduction, score, agreement)
-        del trial
-    best = min(candidates, key=lambda c: (c.score, abs(math.log(c.proportion))))
-    return AutoAllocationResult(best, candidates, held.describe())
+    candidates = score_proportions(
+        adapter, config, fit, state, proportions, lambda rho: _weights(groups, rho),
+        lambda trial: caption_kl(reference, caption_log_probs(trial, batches)), "caption KL",
+    )
+    return AutoAllocationResult(best_candidate(candidates), candidates, held.describe())
 
 
 def auto_compress_generative(adapter, config: CompressionConfig, calibration, **kwargs) -> CompressionReport:

@@ -42,6 +42,9 @@ from vlmpress.core.solvers import (
     _top_eigenvectors,
     _weight_error,
     finish_at_limit,
+    full_svd,
+    gram_eigen,
+    inverse_values,
     solve_als,
     solve_svd_llm,
 )
@@ -91,30 +94,6 @@ def plan_batches(
     return batches
 
 
-def gram_eigen(W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Singular values (descending) and the singular vectors of W's smaller side, from one float64
-    ``eigh`` of that side's Gram matrix (U for a wide or square W, V for a tall one; the same
-    convention as :func:`vlmpress.core.solvers.svd_of`). Works on a batch."""
-    W = W.to(torch.float64)
-    wide = W.shape[-2] <= W.shape[-1]
-    evals, vecs = torch.linalg.eigh(gram(W.mT if wide else W))  # block-triangular product from 1024 wide
-    return evals.flip(-1).clamp_min(0).sqrt(), vecs.flip(-1)
-
-
-def _inverse_values(S: torch.Tensor) -> torch.Tensor:
-    floor = S[..., :1] * 1e-150
-    return torch.where(S > floor, 1.0 / S.clamp_min(torch.finfo(torch.float64).tiny), torch.zeros_like(S))
-
-
-def full_svd(W: torch.Tensor, S: torch.Tensor, vecs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(U, S, Vh)`` of one W from :func:`gram_eigen`'s output (the other side's vectors by one product)."""
-    W = W.to(vecs)
-    inv = _inverse_values(S)
-    if W.shape[0] > W.shape[1]:
-        return (W @ vecs) * inv, S, vecs.mT
-    return vecs, S, inv.unsqueeze(-1) * (vecs.mT @ W)
-
-
 def _orthonormal_batched(Y: torch.Tensor, pad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Cholesky-QR twice on a batch (padding columns get an identity Gram block and stay zero).
     Returns (Q, ok): members with ``ok`` False need the Householder fallback (checked by the caller
@@ -160,7 +139,7 @@ class _BatchProblem:
         if S is not None:
             covered = (S[:, m - 1] > _SVD_BASIS_MIN_RATIO * S[:, 0]).tolist()
             C = S.unsqueeze(-1) * vecs.mT  # S V^T (d x m)
-            return cls(W, M, C, _symmetrize(C @ M @ C.mT), V_over_S=vecs * _inverse_values(S).unsqueeze(-2)), covered
+            return cls(W, M, C, _symmetrize(C @ M @ C.mT), V_over_S=vecs * inverse_values(S).unsqueeze(-2)), covered
         G = gram(W)
         L, info = torch.linalg.cholesky_ex(G)
         pivots = L.diagonal(dim1=-2, dim2=-1)

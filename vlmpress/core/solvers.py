@@ -119,6 +119,31 @@ def balance_factors(A: torch.Tensor, B: torch.Tensor) -> tuple[torch.Tensor, tor
     return (Qa @ U) * root, root.unsqueeze(-1) * (Vh @ Qb.mT)
 
 
+def gram_eigen(W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Singular values (descending) and the singular vectors of W's smaller side, from one float64
+    ``eigh`` of that side's Gram matrix (U for a wide or square W, V for a tall one; the same
+    convention as :func:`svd_of`). Works on a batch."""
+    W = W.to(torch.float64)
+    wide = W.shape[-2] <= W.shape[-1]
+    evals, vecs = torch.linalg.eigh(gram(W.mT if wide else W))  # block-triangular product from 1024 wide
+    return evals.flip(-1).clamp_min(0).sqrt(), vecs.flip(-1)
+
+
+def inverse_values(S: torch.Tensor) -> torch.Tensor:
+    """1 / S, with 0 for (numerically) zero singular values."""
+    floor = S[..., :1] * 1e-150
+    return torch.where(S > floor, 1.0 / S.clamp_min(torch.finfo(torch.float64).tiny), torch.zeros_like(S))
+
+
+def full_svd(W: torch.Tensor, S: torch.Tensor, vecs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(U, S, Vh)`` of one W from :func:`gram_eigen`'s output (the other side's vectors by one product)."""
+    W = W.to(vecs)
+    inv = inverse_values(S)
+    if W.shape[0] > W.shape[1]:
+        return (W @ vecs) * inv, S, vecs.mT
+    return vecs, S, inv.unsqueeze(-1) * (vecs.mT @ W)
+
+
 def svd_of(W: torch.Tensor, device=None, driver: str = "gram") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Thin SVD ``W = U diag(S) Vh`` in float64 on ``device`` (rank selection, ``svd`` and the ALS start).
 
@@ -135,15 +160,7 @@ def svd_of(W: torch.Tensor, device=None, driver: str = "gram") -> tuple[torch.Te
         return torch.linalg.svd(W64, full_matrices=False)
     if driver != "gram":
         raise ConfigError(f"unknown SVD driver '{driver}' (use 'gram' or 'lapack')")
-    tall = W64.shape[0] > W64.shape[1]  # square: W W^T, as vlmpress.core.batched.gram_eigen
-    evals, vecs = torch.linalg.eigh(gram(W64 if tall else W64.mT))  # as vlmpress.core.batched.gram_eigen
-    evals, vecs = evals.flip(0), vecs.flip(1)  # descending
-    S = evals.clamp_min(0).sqrt()
-    floor = S[0] * 1e-150 if S.numel() else 0
-    inv = torch.where(S > floor, 1.0 / S.clamp_min(torch.finfo(torch.float64).tiny), torch.zeros_like(S))
-    if tall:  # W = U S V^T with V from eigh(W^T W), U = W V / S
-        return (W64 @ vecs) * inv, S, vecs.mT
-    return vecs, S, inv.unsqueeze(-1) * (vecs.mT @ W64)
+    return full_svd(W64, *gram_eigen(W64))
 
 
 def _factors_from_svd(U, S, Vh, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
