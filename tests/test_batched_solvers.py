@@ -221,3 +221,80 @@ def test_block_triangular_gram_on_batches_and_wide_weights():
     W, M = _batch((16, 1100), 2, seed=9, n_samples=200)
     for i, res in enumerate(solve_batched("als", W, M, [5, 4])):
         _assert_same(res, solve_als(W[i], [5, 4][i], M[i]))
+
+
+@pytest.mark.parametrize("shape", [(48, 48), (96, 40), (40, 96)])
+def test_als_limit_path_is_the_converged_rounds_result(shape):
+    """path='limit' returns the rounds' limit straight away: the closed-form optimum, labelled ALS,
+    no rounds; the rounds path to a tight tolerance reaches the same error; fixed tau ignores it."""
+    W, M = _batch(shape, 3, seed=3 + sum(shape))
+    d = min(shape)
+    ranks = [d // 3, d // 4, d // 3]
+    batched = solve_batched("als", W, M, ranks, path="limit")
+    for i, res in enumerate(batched):
+        single = solve_als(W[i], ranks[i], M[i], path="limit")
+        closed = solve_svd_llm(W[i], ranks[i], M[i])
+        for got in (res, single):
+            assert got.method == "als" and got.info["iters"] == 0 and got.info["finish"] == "limit"
+            assert got.history == [] and got.act_rel_error_init is None
+            assert got.act_rel_error == pytest.approx(closed.act_rel_error, rel=1e-12)
+            assert torch.allclose(got.A @ got.B, closed.A @ closed.B, rtol=1e-9, atol=1e-12)
+        rounds = solve_als(W[i], ranks[i], M[i], tol=1e-12, max_iters=2000, exact_finish=False)
+        assert single.act_rel_error <= rounds.act_rel_error * (1 + 1e-9)
+        assert rounds.act_rel_error == pytest.approx(single.act_rel_error, rel=1e-6)
+        fixed = solve_als(W[i], ranks[i], M[i], iters=2, path="limit")
+        assert fixed.info["iters"] == 2 and fixed.info.get("finish") is None and len(fixed.history) == 3
+    with pytest.raises(ConfigError, match="als path"):
+        solve_als(W[0], ranks[0], M[0], path="fast")
+    with pytest.raises(ConfigError, match="als path"):
+        solve_batched("als", W, M, ranks, path="fast")
+
+
+def test_gram_singular_values_match_svdvals():
+    from vlmpress.core.solvers import gram_singular_values
+
+    g = torch.Generator().manual_seed(5)
+    for shape in [(30, 70), (70, 30), (64, 64)]:
+        W = torch.randn(*shape, generator=g, dtype=torch.float64) * torch.logspace(0, -3, shape[1], dtype=torch.float64)
+        S = gram_singular_values(W)
+        ref = torch.linalg.svdvals(W)
+        assert S.shape == ref.shape and bool((S[:-1] >= S[1:]).all())
+        # the Gram squares the condition number: values keep ~1e-8 accuracy relative to the largest
+        assert torch.allclose(S, ref, rtol=0, atol=1e-7 * float(ref[0]))
+        assert torch.allclose(S, gram_eigen(W)[0], rtol=0, atol=1e-9 * float(ref[0]))
+
+
+@pytest.mark.parametrize("path", ["limit", "rounds"])
+def test_pipeline_als_path(path):
+    """The CPU default takes the limit with values-only spectra; 'rounds' iterates from the SVD
+    start. Both land within the tolerance of each other at the same ranks."""
+    import copy
+
+    from toy_adapter import ToyAdapter, toy_calibration
+    from vlmpress.compress import calibrate, compress, needs_singular_vectors, select_layers
+    from vlmpress.config import CompressionConfig
+
+    calib = toy_calibration()
+    base = ToyAdapter.load("toy:3")
+    reports = {}
+    for choice in ("auto", path):
+        adapter = copy.deepcopy(base)
+        cfg = CompressionConfig(method="pgsvd", device="cpu", eps_v=0.5, eps_t=0.6, als_path=choice)
+        collectors = calibrate(adapter, select_layers(adapter, cfg), calib, cfg)
+        reports[choice] = compress(adapter, cfg, calib, collectors=collectors)
+    auto, other = reports["auto"], reports[path]
+    assert not needs_singular_vectors(CompressionConfig(method="pgsvd"), torch.device("cpu"))
+    assert needs_singular_vectors(CompressionConfig(method="pgsvd", als_iters=3), torch.device("cpu"))
+    assert needs_singular_vectors(CompressionConfig(method="pgsvd"), torch.device("cuda"))
+    assert auto.rank_map == other.rank_map and any(auto.rank_map.values())
+    factored = [(a, b) for a, b in zip(auto.layers, other.layers) if a.act_error is not None]
+    assert factored
+    for a, b in factored:
+        assert a.als_iters == 0 and a.act_error_init is None  # CPU default: straight to the limit
+        if path == "rounds":
+            assert b.act_error_init is not None and b.als_iters >= 1
+            assert a.act_error <= b.act_error * (1 + 1e-9) and b.act_error <= a.act_error * (1 + 1e-3)
+        else:
+            assert b.act_error == pytest.approx(a.act_error, rel=1e-12)
+    with pytest.raises(ConfigError, match="als_path"):
+        CompressionConfig(method="pgsvd", als_path="fast").validate()

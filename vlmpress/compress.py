@@ -28,11 +28,11 @@ from vlmpress.allocation import (
     tolerances_for_target,
 )
 from vlmpress.config import CompressionConfig, parse_device
-from vlmpress.core.covariance import CovarianceCollector, gram
+from vlmpress.core.covariance import CovarianceCollector
 from vlmpress.core.lowrank import LowRankLinear
 from vlmpress.core.rank import break_even_rank, saves_parameters
 from vlmpress.core.batched import BATCHED_SOLVERS, BatchItem, plan_batches, solve_batched
-from vlmpress.core.solvers import Factorization, factorize, full_svd, gram_eigen
+from vlmpress.core.solvers import Factorization, factorize, full_svd, gram_eigen, gram_singular_values
 from vlmpress.errors import CalibrationError, ConfigError
 from vlmpress.report import CompressionReport, LayerReport
 
@@ -189,7 +189,7 @@ def layer_spectrum(W: torch.Tensor, device: torch.device, budget: int) -> tuple[
     if need <= budget:
         S, vecs = gram_eigen(W64)
         return S, (S, vecs), need
-    return torch.linalg.eigvalsh(gram(W64.mT if n <= m else W64)).flip(-1).clamp_min(0).sqrt(), None, 0
+    return gram_singular_values(W64), None, 0
 
 
 def _spectra(
@@ -297,7 +297,7 @@ def factorise_layer(
         svd = full_svd(W.to(device), *svd)
     result = factorize(
         config.solver, W, rank, M, device=device, iters=config.als_iters, tol=config.als_tol,
-        max_iters=config.als_max_iters, svd=svd,
+        max_iters=config.als_max_iters, path=als_path(config, device), svd=svd,
     )
     return install_factors(
         adapter, layer, plan, result, tol=tol, ratio=ratio, tokens=tokens,
@@ -329,6 +329,22 @@ def install_factors(
         result.act_rel_error_init, result.act_rel_error, tokens, seconds,
         als_iters=result.info.get("iters") if result.method == "als" else None,
     )
+
+
+def als_path(config: CompressionConfig, device: torch.device) -> str:
+    """Tolerance-mode ALS path: the config's, else ``limit`` on CPU (an eigendecomposition of K costs
+    less there than the SVD start's vectors plus the probing rounds: scripts/bench_compress.py)
+    and ``rounds`` elsewhere (GPU rounds are cheap next to an eigendecomposition)."""
+    if config.als_path != "auto":
+        return config.als_path
+    return "limit" if device.type == "cpu" else "rounds"
+
+
+def needs_singular_vectors(config: CompressionConfig, device: torch.device) -> bool:
+    """Whether the solver uses W's singular vectors (plain SVD, and the ALS start when rounds run)."""
+    if config.solver == "svd":
+        return True
+    return config.solver == "als" and (config.als_iters is not None or als_path(config, device) == "rounds")
 
 
 def solve_batch_size(config: CompressionConfig, device: torch.device) -> int:
@@ -368,7 +384,7 @@ def factorise_batched(
             spectra = (torch.stack([c[0] for c in cached]).to(device), torch.stack([c[1] for c in cached]).to(device))
         results = solve_batched(
             config.solver, W, M, [rank for _, _, rank, _ in members], spectra=spectra, iters=config.als_iters,
-            tol=config.als_tol, max_iters=config.als_max_iters,
+            tol=config.als_tol, max_iters=config.als_max_iters, path=als_path(config, device),
         )
         del W, M, spectra
         share = (time.perf_counter() - t0) / len(members)
@@ -460,7 +476,7 @@ def compress(
     whole_before = count_parameters(adapter.model)
 
     plans = [layer_plan(layer) for layer in layers]
-    keep_vectors = config.solver in ("svd", "als")
+    keep_vectors = needs_singular_vectors(config, device)
     t0 = time.perf_counter()
     if spectra_cache is not None and spectra_cache:
         svd_cache = dict(spectra_cache["svd"])

@@ -29,6 +29,7 @@ METHODS: dict[str, tuple[str, str]] = {
 
 #: how a target reduction is split between groups (towers) for tolerance-based methods
 ALLOCATIONS = ("shared", "proportion", "auto")
+ALS_PATHS = ("auto", "rounds", "limit")  # tolerance-mode ALS: see CompressionConfig.als_path
 
 #: display names used in reports
 METHOD_LABELS = {"svd": "SVD", "svd_llm": "SVD-LLM", "svd_als": "SVD-ALS", "pgsvd": "PGSVD", "base": "Base"}
@@ -101,6 +102,11 @@ class CompressionConfig:
     als_iters: int | None = None
     als_tol: float = 2e-5  # within ~0.03% of the closed-form optimum on the bench shapes (scripts/bench_solvers.py)
     als_max_iters: int = 100
+    # tolerance mode only: "rounds" iterates from the SVD start (jumping to the rounds' limit, the
+    # closed-form optimum, once more rounds would cost more than an eigendecomposition); "limit"
+    # computes that limit directly (no SVD start, no rounds); "auto" = limit on CPU, where one
+    # eigendecomposition costs less than the start's vectors plus the probing rounds, rounds elsewhere
+    als_path: str = "auto"
     # same-shape layers solved together (vlmpress.core.batched); None = 32 on CUDA, 1 (per layer) on CPU
     solve_batch_size: int | None = None
     rank_multiple: int = 1  # round ranks to a multiple (8 or 16: tensor-core GEMM shapes on GPU); 1 = paper
@@ -192,6 +198,8 @@ class CompressionConfig:
             raise ConfigError(f"als_iters must be a whole number >= 0 (or unset to iterate to als_tol), got {self.als_iters!r}")
         if not _is_number(self.als_tol) or not (math.isfinite(self.als_tol) and self.als_tol > 0):
             raise ConfigError(f"als_tol must be a positive relative change, e.g. 1e-4, got {self.als_tol!r}")
+        if self.als_path not in ALS_PATHS:
+            raise ConfigError(f"als_path must be one of {', '.join(ALS_PATHS)}, got {self.als_path!r}")
         if self.solve_batch_size is not None and (not _is_int(self.solve_batch_size) or self.solve_batch_size < 1):
             raise ConfigError(f"solve_batch_size must be a whole number >= 1 (or unset for the device default), got {self.solve_batch_size!r}")
         if not _is_int(self.als_max_iters) or self.als_max_iters < 1:

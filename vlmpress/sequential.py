@@ -50,6 +50,7 @@ from vlmpress.compress import (
     finish_report,
     layer_plan,
     layer_spectrum,
+    needs_singular_vectors,
     plan_ranks,
     resolve_device,
     select_layers,
@@ -373,7 +374,7 @@ def compress_sequential(
     t0 = time.perf_counter()
     svd_seconds: dict[str, float] = {}
     if config.rank_rule == "tolerance":
-        values, svd_seconds = _block_spectra(blocks, by_block, device, config.solver in ("svd", "als"))
+        values, svd_seconds = _block_spectra(blocks, by_block, device, needs_singular_vectors(config, device))
         for name, plan in plans.items():
             plan.singular_values = values[name]
     t_spectra = time.perf_counter() - t0

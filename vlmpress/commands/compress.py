@@ -48,6 +48,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--als-iters", type=int, help="exactly N ALS rounds (the paper's fixed tau); default: iterate to --als-tol")
     g.add_argument("--als-tol", type=float, help="ALS stops when the activation error changes by at most this (relative; default 2e-5)")
     g.add_argument("--als-max-iters", type=int, help="cap on ALS rounds when iterating to --als-tol (default 100)")
+    g.add_argument("--als-path", choices=["auto", "rounds", "limit"],
+                   help="tolerance mode: iterate rounds from the SVD start, or compute their limit (the closed-form "
+                        "optimum) directly; auto (default) = limit on CPU, rounds on CUDA")
     g.add_argument("--solve-batch-size", type=int,
                    help="same-shape layers factorised together in batched calls (default: 32 on CUDA, 1 on CPU)")
     g.add_argument("--rank-multiple", type=int, help="round ranks to a multiple, e.g. 8 (faster fp16/bf16 GEMMs on GPU)")
@@ -80,7 +83,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 _FLAG_FIELDS = (
     "model", "method", "eps", "eps_v", "eps_t", "eps_attn", "eps_mlp", "ratio", "target_reduction", "allocation",
-    "eps_proportion", "als_iters", "als_tol", "als_max_iters", "solve_batch_size", "rank_multiple", "targets", "exclude", "calib_images", "calib_captions", "calib_split_file", "calib_text", "n_images",
+    "eps_proportion", "als_iters", "als_tol", "als_max_iters", "als_path", "solve_batch_size", "rank_multiple", "targets", "exclude", "calib_images", "calib_captions", "calib_split_file", "calib_text", "n_images",
     "n_captions", "n_samples", "seq_len", "calib_windows", "batch_size", "data_root", "seed", "device", "torch_dtype", "device_map", "mode", "propagate",
 )
 

@@ -41,6 +41,7 @@ from vlmpress.core.solvers import (
     _symmetrize,
     _top_eigenvectors,
     _weight_error,
+    als_limit,
     finish_at_limit,
     full_svd,
     gram_eigen,
@@ -195,12 +196,14 @@ def solve_batched(
     max_iters: int = _ALS_MAX_ITERS,
     balance: bool = True,
     exact_finish: bool = True,
+    path: str = "rounds",
 ) -> list[Factorization]:
     """Factorise a batch of same-shape layers: ``W`` (b, n, m), ``M`` (b, m, m), one rank each.
 
     ``method`` is ``als`` (PGSVD / SVD-ALS rounds, fixed ``iters`` or to ``tol``) or ``svd_llm``
     (closed form). ``spectra`` = :func:`gram_eigen` of W when rank planning already has it (the ALS
-    start and the tall basis come from it). Computes on W's device in float64; returns one
+    start and the tall basis come from it). ``path`` as in :func:`solve_als` (``limit``: tolerance
+    mode takes the closed form straight away). Computes on W's device in float64; returns one
     :class:`Factorization` per member, as the per-layer solver would (``info['batch']`` = b).
     """
     if method not in BATCHED_SOLVERS:
@@ -219,10 +222,14 @@ def solve_batched(
         raise ConfigError(f"als tolerance must be > 0 and max_iters >= 1, got tol={tol}, max_iters={max_iters}")
     if not bool(torch.isfinite(W).all()):
         raise ConfigError("weight contains NaN or inf; refusing to factorise it")
+    if path not in ("rounds", "limit"):
+        raise ConfigError(f"als path must be 'rounds' or 'limit', got {path!r}")
+    if method == "als" and path == "limit" and not fixed:
+        return [als_limit(r) for r in solve_batched("svd_llm", W, M, ranks, spectra=spectra, balance=balance)]
     t0 = time.perf_counter()
     W, M = W.to(torch.float64), M.to(torch.float64)  # M enters via K (symmetrised) and tr(R M R^T) only
     if method == "als":
-        kwargs = dict(iters=iters, tol=tol, max_iters=max_iters, balance=balance, exact_finish=exact_finish)
+        kwargs = dict(iters=iters, tol=tol, max_iters=max_iters, balance=balance, exact_finish=exact_finish, path=path)
     else:
         kwargs = dict(balance=balance)
     if spectra is None and method == "als":
