@@ -27,6 +27,7 @@ from typing import Callable
 import torch
 
 from vlmpress.core.covariance import gram
+from vlmpress.core.cpu_blas import scipy_linalg
 from vlmpress.errors import ConfigError
 
 DEFAULT_RCOND = 1e-12  # relative eigenvalue cut-off for r x r pseudo-inverse solves
@@ -138,15 +139,9 @@ def symmetric_eigenvalues(G: torch.Tensor) -> torch.Tensor:
     torch's ``eigvalsh`` there); elsewhere ``torch.linalg.eigvalsh``."""
     d = G.shape[-1]
     if G.device.type == "cpu" and G.dim() == 2 and d <= _SCIPY_VALUES_MAX_DIM:
-        try:
-            import scipy.linalg
-            from threadpoolctl import threadpool_limits
-        except ImportError:  # pragma: no cover - scipy comes with scikit-learn
-            pass
-        else:
-            with threadpool_limits(limits=torch.get_num_threads(), user_api="blas"):
-                values = scipy.linalg.eigh(G.numpy(), eigvals_only=True, check_finite=False)
-            return torch.from_numpy(values).to(G.dtype)
+        with scipy_linalg() as linalg:
+            if linalg is not None:
+                return torch.from_numpy(linalg.eigh(G.numpy(), eigvals_only=True, check_finite=False)).to(G.dtype)
     return torch.linalg.eigvalsh(G)
 
 
@@ -392,17 +387,10 @@ def _top_eigenvectors(K: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tens
     """
     d = K.shape[0]
     if K.device.type == "cpu" and d >= _MRRR_MIN_DIM and r < d:
-        try:
-            import scipy.linalg
-            from threadpoolctl import threadpool_limits
-        except ImportError:  # pragma: no cover - scipy comes with scikit-learn
-            pass
-        else:
-            with threadpool_limits(limits=torch.get_num_threads(), user_api="blas"):
-                vals, vecs = scipy.linalg.eigh(
-                    K.numpy(), subset_by_index=[d - r, d - 1], driver="evr", check_finite=False
-                )
-            return torch.from_numpy(vals).flip(0), torch.from_numpy(vecs).flip(1)
+        with scipy_linalg() as linalg:
+            if linalg is not None:
+                vals, vecs = linalg.eigh(K.numpy(), subset_by_index=[d - r, d - 1], driver="evr", check_finite=False)
+                return torch.from_numpy(vals).flip(0), torch.from_numpy(vecs).flip(1)
     vals, vecs = torch.linalg.eigh(K)
     return vals.flip(0)[:r], vecs.flip(1)[:, :r]
 
