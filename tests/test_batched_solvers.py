@@ -200,8 +200,8 @@ def test_batched_spectra_equal_per_layer_spectra():
 
     layers = ToyAdapter.load("toy:5").target_layers()
     cpu = torch.device("cpu")
-    v1, c1, _ = _spectra(layers, cpu, True, 1)
-    v8, c8, _ = _spectra(layers, cpu, True, 8, batched=True)
+    v1, c1, _ = _spectra(layers, cpu, "vectors", 1)
+    v8, c8, _ = _spectra(layers, cpu, "vectors", 8, batched=True)
     assert v1.keys() == v8.keys() == c1.keys() == c8.keys()
     for name in v1:
         torch.testing.assert_close(v8[name], v1[name], rtol=1e-10, atol=1e-12)
@@ -298,3 +298,33 @@ def test_pipeline_als_path(path):
             assert b.act_error == pytest.approx(a.act_error, rel=1e-12)
     with pytest.raises(ConfigError, match="als_path"):
         CompressionConfig(method="pgsvd", als_path="fast").validate()
+
+
+def test_tall_weight_grams_from_rank_planning_are_reused_by_the_closed_form():
+    """keep='gram': values bit-identical to the values-only route, tall weights keep W^T W, and the
+    closed form (per layer and batched) built on it equals the one that forms it itself."""
+    from toy_adapter import ToyAdapter
+    from vlmpress.compress import WeightGram, _spectra
+
+    layers = ToyAdapter.load("toy:5").target_layers()
+    cpu = torch.device("cpu")
+    values, cache, _ = _spectra(layers, cpu, "gram")
+    plain, nothing, _ = _spectra(layers, cpu, None)
+    assert not nothing
+    tall = [layer for layer in layers if layer.weight_matrix.shape[0] > layer.weight_matrix.shape[1]]
+    assert tall and set(cache) == {layer.name for layer in tall}
+    for layer in layers:
+        assert torch.equal(values[layer.name], plain[layer.name])
+    for layer in tall:
+        W = layer.weight_matrix.detach().double()
+        entry = cache[layer.name]
+        assert isinstance(entry, WeightGram)
+        torch.testing.assert_close(entry.matrix, W.mT @ W, rtol=1e-12, atol=1e-12)
+        M = _covariance(W.shape[1], 4 * W.shape[1], seed=1)
+        r = W.shape[1] // 3
+        mine, own = solve_svd_llm(W, r, M, gram=entry.matrix), solve_svd_llm(W, r, M)
+        assert mine.info["basis"] == own.info["basis"] == "cholesky-qr"
+        assert mine.act_rel_error == pytest.approx(own.act_rel_error, rel=1e-10)
+        batched = solve_batched("als", W[None], M[None], [r], grams=entry.matrix[None], path="limit")[0]
+        assert batched.act_rel_error == pytest.approx(own.act_rel_error, rel=1e-10)
+        torch.testing.assert_close(batched.A @ batched.B, own.A @ own.B, rtol=1e-9, atol=1e-12)

@@ -138,3 +138,21 @@ def test_blocked_gram_equals_the_full_product_and_is_symmetric(m):
         G = gram(rows, min_width=min_width)
         torch.testing.assert_close(G, rows.T @ rows, rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(G, G.T, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("shape", [(7, 9), (5, 40), (40, 24)])
+def test_sandwich_equals_the_direct_product_and_is_exactly_symmetric(shape):
+    """C M C^T from M's block upper triangle (min_width small enough to split) == the full product."""
+    from vlmpress.core.covariance import sandwich
+
+    n, m = shape
+    g = torch.Generator().manual_seed(n * m)
+    C = torch.randn(2, n, m, generator=g, dtype=torch.float64)
+    X = torch.randn(2, m, m // 2 + 1, generator=g, dtype=torch.float64)  # singular M
+    M = X @ X.mT
+    ref = C @ M @ C.mT
+    for min_width in (1, 8, 1000):
+        K = sandwich(C, M, min_width=min_width)
+        torch.testing.assert_close(K, ref, rtol=1e-12, atol=1e-10)
+        assert bool((K == K.mT).all())
+        torch.testing.assert_close(sandwich(C[0], M[0], min_width=min_width), K[0], rtol=1e-12, atol=1e-10)

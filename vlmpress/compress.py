@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 from typing import Any, Iterable
 
 import torch
@@ -28,11 +29,18 @@ from vlmpress.allocation import (
     tolerances_for_target,
 )
 from vlmpress.config import CompressionConfig, parse_device
-from vlmpress.core.covariance import CovarianceCollector
+from vlmpress.core.covariance import CovarianceCollector, gram
 from vlmpress.core.lowrank import LowRankLinear
 from vlmpress.core.rank import break_even_rank, saves_parameters
 from vlmpress.core.batched import BATCHED_SOLVERS, BatchItem, plan_batches, solve_batched
-from vlmpress.core.solvers import Factorization, factorize, full_svd, gram_eigen, gram_singular_values
+from vlmpress.core.solvers import (
+    Factorization,
+    factorize,
+    full_svd,
+    gram_eigen,
+    gram_singular_values,
+    symmetric_eigenvalues,
+)
 from vlmpress.errors import CalibrationError, ConfigError
 from vlmpress.report import CompressionReport, LayerReport
 
@@ -175,34 +183,49 @@ def _spectrum_bytes(shape) -> int:
     return 8 * d * (d + 1)
 
 
-def layer_spectrum(W: torch.Tensor, device: torch.device, budget: int) -> tuple[torch.Tensor, tuple | None, int]:
+@dataclass
+class WeightGram:
+    """A tall weight's ``W^T W`` from rank planning, kept for the closed form's Cholesky-QR basis."""
+
+    matrix: torch.Tensor
+
+
+def layer_spectrum(
+    W: torch.Tensor, device: torch.device, budget: int, keep: str = "vectors"
+) -> tuple[torch.Tensor, tuple | WeightGram | None, int]:
     """(singular values, cached spectrum or None, bytes used) of one weight, float64 on ``device``.
 
-    One ``eigh`` of the smaller-side Gram matrix gives the singular values and, while they fit the
-    cache ``budget``, that side's singular vectors for the solvers (the other side is formed only
-    if a solver needs it). Beyond the budget only the values are computed. Whole and sequential
-    mode both call this, so their tolerance ranks are bit-identical.
+    One ``eigh`` of the smaller-side Gram matrix gives the singular values. While the cache
+    ``budget`` allows, ``keep="vectors"`` also keeps that side's singular vectors for the solvers
+    (the other side is formed only if a solver needs it); ``keep="gram"`` computes values only and
+    keeps a tall weight's Gram matrix (the closed form's basis needs it again). Beyond the budget
+    only the values are computed. Whole and sequential mode both call this, so their tolerance
+    ranks are bit-identical.
     """
     n, m = W.shape
     W64 = W.detach().to(device=device, dtype=torch.float64)
     need = _spectrum_bytes(W.shape)
-    if need <= budget:
+    if keep == "vectors" and need <= budget:
         S, vecs = gram_eigen(W64)
         return S, (S, vecs), need
+    if keep == "gram" and n > m and need <= budget:
+        G = gram(W64)
+        return symmetric_eigenvalues(G).flip(-1).clamp_min(0).sqrt(), WeightGram(G), need
     return gram_singular_values(W64), None, 0
 
 
 def _spectra(
-    layers: list[TargetLayer], device: torch.device, keep_vectors: bool, batch_size: int = 1, batched: bool | None = None
+    layers: list[TargetLayer], device: torch.device, keep: str | None, batch_size: int = 1, batched: bool | None = None
 ) -> tuple[dict, dict, dict]:
-    """Singular values per layer (and the smaller side's vectors while they fit the cache budget), with seconds spent.
+    """Singular values per layer, with seconds spent; while they fit the cache budget, what the
+    solvers reuse (``keep``: ``vectors`` or ``gram``, see :func:`layer_spectrum`; None: nothing).
 
     Off the CPU with ``batch_size`` > 1, same-shape layers whose vectors fit the budget share one
     batched ``eigh`` call (one launch and sync per batch); each member gets the same values as
     :func:`layer_spectrum` would give it alone, up to the device library's rounding.
     """
     values, cache, seconds = {}, {}, {}
-    budget = SVD_CACHE_BYTES if keep_vectors else 0
+    budget = SVD_CACHE_BYTES if keep else 0
     pending: dict[tuple[int, int], list[TargetLayer]] = {}
 
     def flush(group: list[TargetLayer]) -> None:
@@ -221,14 +244,14 @@ def _spectra(
     for layer in tqdm(layers, desc="spectra", unit="layer", leave=False):
         shape = tuple(layer.weight_matrix.shape)
         need = _spectrum_bytes(shape)
-        if batched and need <= budget:
+        if batched and keep == "vectors" and need <= budget:
             budget -= need
             pending.setdefault(shape, []).append(layer)
             if len(pending[shape]) >= batch_size:
                 flush(pending.pop(shape))
             continue
         t0 = time.perf_counter()
-        S, cached, used = layer_spectrum(layer.weight_matrix, device, budget)
+        S, cached, used = layer_spectrum(layer.weight_matrix, device, budget, keep or "vectors")
         budget -= used
         if cached is not None:
             cache[layer.name] = cached
@@ -289,15 +312,18 @@ def factorise_layer(
     """Factorise one layer with the config's solver and swap in a LowRankLinear (shared by all modes).
 
     ``svd``: the layer's cached spectrum from :func:`layer_spectrum` (singular values and the smaller
-    side's vectors), or a full ``(U, S, Vh)``.
+    side's vectors, or a tall weight's :class:`WeightGram`), or a full ``(U, S, Vh)``.
     """
     W = layer.weight_matrix.detach()
     t_layer = time.perf_counter()
-    if svd is not None and len(svd) == 2:
+    weight_gram = None
+    if isinstance(svd, WeightGram):
+        weight_gram, svd = svd.matrix, None
+    elif svd is not None and len(svd) == 2:
         svd = full_svd(W.to(device), *svd)
     result = factorize(
         config.solver, W, rank, M, device=device, iters=config.als_iters, tol=config.als_tol,
-        max_iters=config.als_max_iters, path=als_path(config, device), svd=svd,
+        max_iters=config.als_max_iters, path=als_path(config, device), svd=svd, gram=weight_gram,
     )
     return install_factors(
         adapter, layer, plan, result, tol=tol, ratio=ratio, tokens=tokens,
@@ -379,14 +405,16 @@ def factorise_batched(
         W = torch.stack([layer.weight_matrix.detach().to(device=device, dtype=torch.float64) for layer, *_ in members])
         M = torch.stack([collectors[layer.group].covariance(layer.name).to(device=device, dtype=torch.float64) for layer, *_ in members])
         cached = [svd_cache.pop(layer.name, None) for layer, *_ in members]
-        spectra = None
-        if all(c is not None and len(c) == 2 for c in cached):
+        spectra = grams = None
+        if all(isinstance(c, tuple) and len(c) == 2 for c in cached):
             spectra = (torch.stack([c[0] for c in cached]).to(device), torch.stack([c[1] for c in cached]).to(device))
+        elif all(isinstance(c, WeightGram) for c in cached):
+            grams = torch.stack([c.matrix for c in cached]).to(device)
         results = solve_batched(
-            config.solver, W, M, [rank for _, _, rank, _ in members], spectra=spectra, iters=config.als_iters,
-            tol=config.als_tol, max_iters=config.als_max_iters, path=als_path(config, device),
+            config.solver, W, M, [rank for _, _, rank, _ in members], spectra=spectra, grams=grams,
+            iters=config.als_iters, tol=config.als_tol, max_iters=config.als_max_iters, path=als_path(config, device),
         )
-        del W, M, spectra
+        del W, M, spectra, grams
         share = (time.perf_counter() - t0) / len(members)
         for (layer, plan, rank, tol), result in zip(members, results):
             collector = collectors[layer.group]
@@ -477,6 +505,8 @@ def compress(
 
     plans = [layer_plan(layer) for layer in layers]
     keep_vectors = needs_singular_vectors(config, device)
+    # the closed form (SVD-LLM, ALS's limit) reuses a tall weight's Gram from rank planning
+    keep = "vectors" if keep_vectors else "gram" if config.solver in BATCHED_SOLVERS else None
     t0 = time.perf_counter()
     if spectra_cache is not None and spectra_cache:
         svd_cache = dict(spectra_cache["svd"])
@@ -484,7 +514,7 @@ def compress(
         for plan in plans:
             plan.singular_values = spectra_cache["values"][plan.name]
     elif config.rank_rule == "tolerance" or keep_vectors:
-        spectra, svd_cache, svd_seconds = _spectra(layers, device, keep_vectors, solve_batch_size(config, device))
+        spectra, svd_cache, svd_seconds = _spectra(layers, device, keep, solve_batch_size(config, device))
         for plan in plans:
             plan.singular_values = spectra[plan.name]
         if spectra_cache is not None:

@@ -27,7 +27,7 @@ from typing import Sequence
 
 import torch
 
-from vlmpress.core.covariance import gram
+from vlmpress.core.covariance import gram, sandwich
 from vlmpress.core.solvers import (
     _ALS_MAX_ITERS,
     _ALS_TOL,
@@ -38,7 +38,6 @@ from vlmpress.core.solvers import (
     _balance_columns,
     _Reduced,
     _rel_error,
-    _symmetrize,
     _top_eigenvectors,
     _weight_error,
     als_limit,
@@ -131,22 +130,23 @@ class _BatchProblem:
     R: torch.Tensor | None = None  # tall W, Cholesky-QR basis: Z = W R^-1 (upper-triangular R = C)
 
     @classmethod
-    def build(cls, W, M, S=None, vecs=None) -> tuple["_BatchProblem", list[bool]]:
+    def build(cls, W, M, S=None, vecs=None, G=None) -> tuple["_BatchProblem", list[bool]]:
         """The batch's problem and which members it covers (a tall W needs a well-conditioned basis:
-        the SVD one when rank planning gave the spectra, else a Cholesky-QR, as :func:`_reduce`)."""
+        the SVD one when rank planning gave the spectra, else a Cholesky-QR of ``G`` = W^T W, given
+        or formed here, as :func:`_reduce`)."""
         b, n, m = W.shape
         if n <= m:
-            return cls(W, M, W, _symmetrize(W @ M @ W.mT)), [True] * b
+            return cls(W, M, W, sandwich(W, M)), [True] * b
         if S is not None:
             covered = (S[:, m - 1] > _SVD_BASIS_MIN_RATIO * S[:, 0]).tolist()
             C = S.unsqueeze(-1) * vecs.mT  # S V^T (d x m)
-            return cls(W, M, C, _symmetrize(C @ M @ C.mT), V_over_S=vecs * inverse_values(S).unsqueeze(-2)), covered
-        G = gram(W)
+            return cls(W, M, C, sandwich(C, M), V_over_S=vecs * inverse_values(S).unsqueeze(-2)), covered
+        G = gram(W) if G is None else G.to(W)
         L, info = torch.linalg.cholesky_ex(G)
         pivots = L.diagonal(dim1=-2, dim2=-1)
         ok = (info == 0) & (pivots.square().amin(-1) > _CHOLQR_MIN_PIVOT * G.diagonal(dim1=-2, dim2=-1).amax(-1))
         R = L.mT
-        return cls(W, M, R, _symmetrize(R @ M @ L), R=R), ok.tolist()
+        return cls(W, M, R, sandwich(R, M), R=R), ok.tolist()
 
     @property
     def basis(self) -> str:
@@ -191,6 +191,7 @@ def solve_batched(
     ranks: Sequence[int],
     *,
     spectra: tuple[torch.Tensor, torch.Tensor] | None = None,
+    grams: torch.Tensor | None = None,
     iters: int | None = None,
     tol: float = _ALS_TOL,
     max_iters: int = _ALS_MAX_ITERS,
@@ -202,7 +203,8 @@ def solve_batched(
 
     ``method`` is ``als`` (PGSVD / SVD-ALS rounds, fixed ``iters`` or to ``tol``) or ``svd_llm``
     (closed form). ``spectra`` = :func:`gram_eigen` of W when rank planning already has it (the ALS
-    start and the tall basis come from it). ``path`` as in :func:`solve_als` (``limit``: tolerance
+    start and the tall basis come from it); else ``grams`` = W^T W of tall weights when rank planning
+    formed them (the Cholesky-QR basis). ``path`` as in :func:`solve_als` (``limit``: tolerance
     mode takes the closed form straight away). Computes on W's device in float64; returns one
     :class:`Factorization` per member, as the per-layer solver would (``info['batch']`` = b).
     """
@@ -225,9 +227,9 @@ def solve_batched(
     if path not in ("rounds", "limit"):
         raise ConfigError(f"als path must be 'rounds' or 'limit', got {path!r}")
     if method == "als" and path == "limit" and not fixed:
-        return [als_limit(r) for r in solve_batched("svd_llm", W, M, ranks, spectra=spectra, balance=balance)]
+        return [als_limit(r) for r in solve_batched("svd_llm", W, M, ranks, spectra=spectra, grams=grams, balance=balance)]
     t0 = time.perf_counter()
-    W, M = W.to(torch.float64), M.to(torch.float64)  # M enters via K (symmetrised) and tr(R M R^T) only
+    W, M = W.to(torch.float64), M.to(torch.float64)  # M (symmetric) enters via K = C M C^T and tr(R M R^T) only
     if method == "als":
         kwargs = dict(iters=iters, tol=tol, max_iters=max_iters, balance=balance, exact_finish=exact_finish, path=path)
     else:
@@ -238,7 +240,7 @@ def solve_batched(
 
     # tall weights too ill-conditioned for the batch's basis, and layers whose inputs are all zero,
     # go to the per-layer solver (which picks a Householder QR basis / returns the truncated SVD)
-    problem, covered = _BatchProblem.build(W, M, S, vecs)
+    problem, covered = _BatchProblem.build(W, M, S, vecs, grams if S is None else None)
     if not bool(torch.isfinite(problem.K).all()):  # with a finite W, K = C M C^T is finite iff M is
         raise ConfigError("covariance contains NaN or inf (check the calibration data); refusing to factorise it")
     totals = problem.K.diagonal(dim1=-2, dim2=-1).sum(-1).tolist()  # sync: which members see activations

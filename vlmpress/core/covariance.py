@@ -51,6 +51,33 @@ def gram(rows: torch.Tensor, min_width: int = _TRIANGLE_MIN_WIDTH) -> torch.Tens
     return out
 
 
+def sandwich(C: torch.Tensor, M: torch.Tensor, min_width: int = _TRIANGLE_MIN_WIDTH) -> torch.Tensor:
+    """``C M C^T`` for a symmetric M (n x m and m x m; leading batch dimensions are kept), exactly
+    symmetric.
+
+    From ``min_width`` on, M's symmetry saves work: with column blocks ``C_j`` and
+    ``Z_j = sum_{i<j} C_i M_ij + C_j M_jj / 2`` the product is ``U + U^T``, ``U = Z C^T``, so only
+    M's block upper triangle is multiplied: n m^2 / 2 + n^2 m multiply-adds instead of
+    n m^2 + n^2 m (25 % less for a square C, 40 % for a 1:4 wide one). Below it (and for the
+    diagonal blocks) M is read whole; off the diagonal only its upper blocks are read.
+    """
+    m = M.shape[-1]
+    if m < min_width:
+        K = C @ M @ C.mT
+        return 0.5 * (K + K.mT)
+    k = 8 if m >= 2 * min_width else 4
+    edges = [i * m // k for i in range(k + 1)]
+    Z = torch.empty_like(C)
+    for j in range(k):
+        lo, hi = edges[j], edges[j + 1]
+        Zj = (0.5 * C[..., lo:hi]) @ M[..., lo:hi, lo:hi]
+        if lo:
+            Zj += C[..., :lo] @ M[..., :lo, lo:hi]
+        Z[..., lo:hi] = Zj
+    U = Z @ C.mT
+    return U + U.mT
+
+
 class CovarianceCollector:
     """Accumulate ``X^T X`` (float64) and token counts for named layers.
 

@@ -26,7 +26,7 @@ from typing import Callable
 
 import torch
 
-from vlmpress.core.covariance import gram
+from vlmpress.core.covariance import gram, sandwich
 from vlmpress.core.cpu_blas import scipy_linalg
 from vlmpress.errors import ConfigError
 
@@ -341,25 +341,26 @@ class _Reduced:
 _SVD_BASIS_MIN_RATIO = 1e-5  # an eigh-Gram SVD basis is orthonormal to ~eps*cond^2: trusted up to cond 1e5
 
 
-def _reduce(W64: torch.Tensor, M64: torch.Tensor, svd=None) -> _Reduced:
+def _reduce(W64: torch.Tensor, M64: torch.Tensor, svd=None, weight_gram: torch.Tensor | None = None) -> _Reduced:
     """The d x d problem. Tall W: the SVD basis when given and well-conditioned (ALS gets it from
-    rank planning), else a Cholesky-QR (cheap, well-conditioned W), else a Householder QR (exact)."""
+    rank planning), else a Cholesky-QR (cheap, well-conditioned W; ``weight_gram`` = W^T W when
+    rank planning already formed it), else a Householder QR (exact)."""
     n, m = W64.shape
     if n <= m:
-        return _Reduced(W64, M64, W64, _symmetrize(W64 @ M64 @ W64.mT))
+        return _Reduced(W64, M64, W64, sandwich(W64, M64))
     if svd is not None:
         U, S, Vh = (t.to(W64) for t in svd)
         if bool(S[m - 1] > _SVD_BASIS_MIN_RATIO * S[0]):
             C = S[:m].unsqueeze(-1) * Vh[:m]
-            return _Reduced(W64, M64, C, _symmetrize(C @ M64 @ C.mT), Z=U[:, :m], basis="svd")
+            return _Reduced(W64, M64, C, sandwich(C, M64), Z=U[:, :m], basis="svd")
     else:
-        G = gram(W64)
+        G = gram(W64) if weight_gram is None else weight_gram.to(W64)
         L, err = torch.linalg.cholesky_ex(G)
         if int(err) == 0 and bool(L.diagonal().min().square() > _CHOLQR_MIN_PIVOT * G.diagonal().max()):
             R = L.mT
-            return _Reduced(W64, M64, R, _symmetrize(R @ M64 @ L), R=R, basis="cholesky-qr")
+            return _Reduced(W64, M64, R, sandwich(R, M64), R=R, basis="cholesky-qr")
     Z, R = torch.linalg.qr(W64)
-    return _Reduced(W64, M64, R, _symmetrize(R @ M64 @ R.mT), Z=Z, basis="qr")
+    return _Reduced(W64, M64, R, sandwich(R, M64), Z=Z, basis="qr")
 
 
 def _rel_error(reduced: _Reduced, Q: torch.Tensor, sq_error: float, total: float) -> tuple[float, bool]:
@@ -470,6 +471,7 @@ def solve_svd_llm(
     device=None,
     svd: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     balance: bool = True,
+    gram: torch.Tensor | None = None,
     **_: object,
 ) -> Factorization:
     """SVD-LLM's closed-form optimum of ``||(W - A B) X||_F`` at rank r, solved on W's smaller side.
@@ -481,16 +483,17 @@ def solve_svd_llm(
     singular covariances too. ``A = Z E_r``, ``B = E_r^T C``: B is W's rows projected on the kept
     activation directions (directions X never excites keep W's own values instead of zero).
     The reported error is the tail of K's spectrum (a sum, no cancellation), recomputed from the
-    explicit residual when it is near float64 rounding.
+    explicit residual when it is near float64 rounding. ``gram``: a tall W's ``W^T W`` if the
+    caller already has it (rank planning), for the Cholesky-QR basis.
     """
     if M is None:
         raise ConfigError("svd_llm needs the input covariance M of the layer (run calibration first)")
     _check_inputs(W, rank, M)
     dev = _resolve_device(device, W)
-    W64, M64 = _as_f64(W, dev), _as_f64(M, dev)  # M enters via K (symmetrised) and tr(R M R^T) only
+    W64, M64 = _as_f64(W, dev), _as_f64(M, dev)  # M (symmetric) enters via K = C M C^T and tr(R M R^T) only
     t0 = time.perf_counter()
     info: dict = {}
-    reduced = _reduce(W64, M64, svd)
+    reduced = _reduce(W64, M64, svd, gram)
     total = reduced.total
     if not total > 0:
         return _zero_activation_result(W64, rank, svd, "svd_llm", t0, info)
@@ -517,6 +520,7 @@ def solve_als(
     balance: bool = True,
     exact_finish: bool = True,
     path: str = "rounds",
+    gram: torch.Tensor | None = None,
     **_: object,
 ) -> Factorization:
     """PGSVD / SVD-ALS factor refinement (paper Algorithm 1, Eq. 6), started from the truncated SVD.
@@ -551,10 +555,10 @@ def solve_als(
     if path not in ("rounds", "limit"):
         raise ConfigError(f"als path must be 'rounds' or 'limit', got {path!r}")
     if path == "limit" and not fixed:
-        return als_limit(solve_svd_llm(W, rank, M, device=device, svd=svd, balance=balance))
+        return als_limit(solve_svd_llm(W, rank, M, device=device, svd=svd, balance=balance, gram=gram))
     _check_inputs(W, rank, M)
     dev = _resolve_device(device, W)
-    W64, M64 = _as_f64(W, dev), _as_f64(M, dev)  # M enters via K (symmetrised) and tr(R M R^T) only
+    W64, M64 = _as_f64(W, dev), _as_f64(M, dev)  # M (symmetric) enters via K = C M C^T and tr(R M R^T) only
     t0 = time.perf_counter()
     info: dict = {"mode": "fixed" if fixed else "tolerance"}
     U, S, Vh = _svd_start(W64, rank, svd)
