@@ -35,43 +35,51 @@ from vlmpress.data.calibration import CalibrationSet, caption_batches, image_bat
 
 
 def time_floor(layers, device: torch.device) -> dict[str, float]:
-    """Seconds per tower of one float64 ``eigh`` of each layer's smaller-side Gram matrix."""
+    """Seconds per tower of one float64 ``eigh`` of each layer's smaller-side Gram matrix (with the
+    library's own eigensolver, so a faster LAPACK driver lowers the floor too)."""
+    from vlmpress.core.solvers import symmetric_eigh
+
     floor: dict[str, float] = {}
     for layer in layers:
         W = layer.weight_matrix.detach().to(device=device, dtype=torch.float64)
         sync(); t0 = time.perf_counter()
-        torch.linalg.eigh(W @ W.mT if W.shape[0] <= W.shape[1] else W.mT @ W)
+        symmetric_eigh(W @ W.mT if W.shape[0] <= W.shape[1] else W.mT @ W)  # the fastest eigh vlmpress knows
         sync(); floor[layer.group] = floor.get(layer.group, 0.0) + time.perf_counter() - t0
     return floor
 
 
 def time_closed_form_parts(layers, collectors, report, device: torch.device) -> dict[str, dict[str, float]]:
-    """Seconds per tower of the arithmetic the closed form (ALS's limit) cannot skip, each part
-    timed alone: the Gram of W, its eigenvalues (ranks), K = C M C^T and the eigendecomposition of K."""
+    """Seconds per tower of the arithmetic the closed form (ALS's limit) cannot skip: the Gram of W,
+    its eigenvalues (ranks), K = C M C^T and the eigendecomposition of K. Two passes, in the
+    pipeline's order (all spectra, then all solves), so SciPy's and torch's thread pools do not
+    interleave differently from a real run."""
     from vlmpress.core.covariance import gram, sandwich
     from vlmpress.core.solvers import _top_eigenvectors, symmetric_eigenvalues
 
     ranks = report.rank_map
-    out: dict[str, dict[str, float]] = {}
-    for layer in layers:
-        if not ranks.get(layer.name):
-            continue
+    chosen = [layer for layer in layers if ranks.get(layer.name)]
+    out = {layer.group: {"gram": 0.0, "values": 0.0, "K": 0.0, "eigh": 0.0} for layer in chosen}
+    for layer in chosen:  # pass 1: rank planning
         W = layer.weight_matrix.detach().to(device=device, dtype=torch.float64)
-        M = collectors[layer.group].covariance(layer.name).to(device=device, dtype=torch.float64)
         wide = W.shape[0] <= W.shape[1]
-        named = out.setdefault(layer.group, {"gram": 0.0, "values": 0.0, "K": 0.0, "eigh": 0.0})
         sync(); t0 = time.perf_counter()
         G = gram(W.mT if wide else W)
         sync(); t1 = time.perf_counter()
         symmetric_eigenvalues(G)
         sync(); t2 = time.perf_counter()
-        C = W if wide else torch.linalg.cholesky_ex(G)[0].mT
+        out[layer.group]["gram"] += t1 - t0
+        out[layer.group]["values"] += t2 - t1
+    for layer in chosen:  # pass 2: the solves
+        W = layer.weight_matrix.detach().to(device=device, dtype=torch.float64)
+        M = collectors[layer.group].covariance(layer.name).to(device=device, dtype=torch.float64)
+        C = W if W.shape[0] <= W.shape[1] else torch.linalg.cholesky_ex(gram(W))[0].mT
+        sync(); t0 = time.perf_counter()
         K = sandwich(C, M)
-        sync(); t3 = time.perf_counter()
+        sync(); t1 = time.perf_counter()
         _top_eigenvectors(K, ranks[layer.name])
-        sync(); t4 = time.perf_counter()
-        for name, seconds in (("gram", t1 - t0), ("values", t2 - t1), ("K", t3 - t2), ("eigh", t4 - t3)):
-            named[name] += seconds
+        sync(); t2 = time.perf_counter()
+        out[layer.group]["K"] += t1 - t0
+        out[layer.group]["eigh"] += t2 - t1
     return out
 
 

@@ -95,12 +95,13 @@ def main() -> None:
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="CPU thread counts to run")
     parser.add_argument("--ratio", type=float, default=0.4)
     parser.add_argument("--iters", type=int, nargs="*", default=[10], help="fixed-tau ALS runs")
-    parser.add_argument("--repeats", type=int, default=2, help="alternating repeats (best kept); 1 for d >= 4096")
+    parser.add_argument("--repeats", type=int, default=2, help="alternating repeats (best kept)")
+    parser.add_argument("--large-repeats", type=int, default=1, help="repeats for shapes whose smaller side is >= 4096")
     parser.add_argument("--no-als", action="store_true")
     args = parser.parse_args()
     devices = args.devices or (["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"])
     print(f"# machine: {machine()}")
-    print(f"# ratio {args.ratio}; times: best of {args.repeats} alternating runs (1 for min side >= 4096)")
+    print(f"# ratio {args.ratio}; times: best of {args.repeats} alternating runs ({args.large_repeats} for min side >= 4096)")
     header = f"{'dev':<4} {'thr':>3} {'shape':>11} {'rank':>5} {'method':<11} {'seconds':>8} {'ratio':>6} {'act.err':>10} {'vs opt':>10} {'iters':>5}"
     print(header)
     print("-" * len(header))
@@ -121,7 +122,7 @@ def main() -> None:
                 for it in args.iters:
                     methods[f"als({it})"] = lambda it=it: solve_als(W, rank, M, iters=it, device=device)
             threads = args.threads if device.type == "cpu" else [torch.get_num_threads()]
-            repeats = 1 if min(n_out, n_in) >= 4096 else args.repeats
+            repeats = args.large_repeats if min(n_out, n_in) >= 4096 else args.repeats
             for n_threads in threads:
                 torch.set_num_threads(n_threads)
                 solve_svd_llm(W[:64, :64], 8, M[:64, :64], device=device)  # warm-up

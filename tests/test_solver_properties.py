@@ -114,6 +114,9 @@ def _check_case(case: int, tally: Counter, failures: list) -> None:
         # the batched path (vlmpress.core.batched) on a batch of two copies: same properties
         "svd_llm_batched": lambda: solve_batched("svd_llm", Wi.expand(2, n, m), Mi.expand(2, m, m), [r, r])[1],
         "als_tol_batched": lambda: solve_batched("als", Wi.expand(2, n, m), Mi.expand(2, m, m), [r, r])[1],
+        # tolerance mode's CPU default: the rounds' limit straight away (per layer and batched)
+        "als_limit": lambda: solve_als(Wi, r, Mi, path="limit"),
+        "als_limit_batched": lambda: solve_batched("als", Wi.expand(2, n, m), Mi.expand(2, m, m), [r, r], path="limit")[1],
     }
     results = {}
     for name, run in runs.items():
@@ -143,7 +146,7 @@ def _check_case(case: int, tally: Counter, failures: list) -> None:
         if opt is not None and not _le(opt, direct):
             tally["below_optimum"] += 1
             failures.append(f"{label} {name}: error {direct:.9g} below the optimum {opt:.9g}")
-    for name in ("svd_llm", "svd_llm_batched"):
+    for name in ("svd_llm", "svd_llm_batched", "als_limit", "als_limit_batched"):
         if opt is not None and name in results:
             got = _direct_error(W_ref, results[name].A, results[name].B, X)
             if not _le(got, opt):

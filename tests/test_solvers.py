@@ -254,3 +254,25 @@ def test_svd_llm_on_singular_covariance_is_the_exact_optimum():
             opt = closed_form_error(W, M, rank)
             assert direct_activation_error(W, f.A, f.B, X) == pytest.approx(opt, rel=1e-6)
             assert f.act_rel_error == pytest.approx(opt, rel=1e-6)
+
+
+def test_symmetric_eigh_cpu_route_matches_torch_and_solves_stay_optimal():
+    """From d = 512 on CPU the eigensolver is SciPy's divide-and-conquer driver: same spectrum as
+    torch's, orthonormal vectors that rebuild the matrix, and the closed form on such a size still
+    reaches the optimum of the whitened truncation."""
+    from vlmpress.core.solvers import _SCIPY_EIGH_MIN_DIM, symmetric_eigh
+
+    d = _SCIPY_EIGH_MIN_DIM + 8
+    g = torch.Generator().manual_seed(11)
+    A = torch.randn(d, d, generator=g, dtype=torch.float64)
+    G = A @ A.T
+    vals, vecs = symmetric_eigh(G)
+    ref = torch.linalg.eigvalsh(G)
+    assert bool((vals[1:] >= vals[:-1]).all())
+    torch.testing.assert_close(vals, ref, rtol=1e-10, atol=1e-9 * float(ref[-1]))
+    torch.testing.assert_close(vecs.T @ vecs, torch.eye(d, dtype=torch.float64), rtol=0, atol=1e-10)
+    torch.testing.assert_close((vecs * vals) @ vecs.T, G, rtol=1e-10, atol=1e-9 * float(ref[-1]))
+    W = torch.randn(d, d + 40, generator=g, dtype=torch.float64)
+    M, _ = correlated_covariance(d + 40, 3 * (d + 40), seed=12, decay=0.01)
+    f = solve_svd_llm(W, d // 3, M)
+    assert f.act_rel_error == pytest.approx(closed_form_error(W, M, d // 3), rel=1e-8)

@@ -272,7 +272,7 @@ def top_eigenvectors_batched(K: torch.Tensor, ranks: Sequence[int], batched: boo
 
 
 def _closed_form(problem: _BatchProblem, idx, ranks, totals, balance, results, t0) -> None:
-    """Top-r eigenvectors of every covered member's K (one batched eigh on GPU, MRRR per member on CPU)."""
+    """Top-r eigenvectors of every covered member's K (one batched eigh on GPU, one eigh per member on CPU)."""
     tops = top_eigenvectors_batched(problem.K[idx], [ranks[i] for i in idx])
     tails = torch.stack([top.clamp_min(0).sum() for top, _ in tops]).tolist()
     seconds = (time.perf_counter() - t0) / len(results)
