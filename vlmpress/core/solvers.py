@@ -120,16 +120,18 @@ def balance_factors(A: torch.Tensor, B: torch.Tensor) -> tuple[torch.Tensor, tor
     return (Qa @ U) * root, root.unsqueeze(-1) * (Vh @ Qb.mT)
 
 
-_SCIPY_EIGH_MIN_DIM = 512  # CPU: SciPy's divide-and-conquer eigh from this size (measured faster than torch's)
+_SCIPY_EIGH_MIN_DIM = 1024  # CPU: SciPy's divide-and-conquer eigh from this size (measured faster than torch's)
 
 
 def symmetric_eigh(G: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(eigenvalues ascending, eigenvectors) of a symmetric matrix (torch.linalg.eigh's convention).
 
-    On CPU from d = 512 (2-D), SciPy's divide-and-conquer driver: on the solvers' K matrices it
-    measured 1.0-1.5x faster than torch's ``eigh`` (4096: 8.3 vs 10.9 s at two threads, 13.7 vs
-    21.3 s at one; 768: 0.067 vs 0.091 s) and faster than computing only the wanted vectors with
-    MRRR (4096, two threads: 12.1 s). Elsewhere (GPU, batches, small d) ``torch.linalg.eigh``.
+    On CPU from d = 1024 (2-D), SciPy's divide-and-conquer driver: on the solvers' K matrices it
+    measured 1.1-1.5x faster than torch's ``eigh`` (4096: 8.3 vs 10.9 s at two threads, 13.7 vs
+    21.3 s at one; 2048 inside a solve: 1.46 vs 1.62 s) and faster than computing only the wanted
+    vectors with MRRR (4096, two threads: 12.1 s). Below 1024, inside a solve (right after torch's
+    products, whose thread pool then competes with SciPy's), torch's is as fast or faster (3072x768:
+    0.18 vs 0.21 s), so GPU, batches and small d use ``torch.linalg.eigh``.
     """
     if G.device.type == "cpu" and G.dim() == 2 and G.shape[-1] >= _SCIPY_EIGH_MIN_DIM:
         with scipy_linalg() as linalg:
