@@ -155,15 +155,16 @@ def gram_eigen(W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return evals.flip(-1).clamp_min(0).sqrt(), vecs.flip(-1)
 
 
-_SCIPY_VALUES_MAX_DIM = 2048  # CPU: SciPy's values-only eigh is faster up to here (768: 0.021 vs 0.031 s), torch's beyond
+_SCIPY_VALUES_DIMS = (768, 2048)  # CPU: SciPy's values-only eigh in this range (768: 0.033 vs 0.040 s); torch's outside
 
 
 def symmetric_eigenvalues(G: torch.Tensor) -> torch.Tensor:
     """Eigenvalues (ascending) of a symmetric float64 matrix, no vectors (about 0.4x the cost of
-    ``eigh`` with vectors). On CPU up to 2048 wide, SciPy's LAPACK driver (measured faster than
-    torch's ``eigvalsh`` there); elsewhere ``torch.linalg.eigvalsh``."""
+    ``eigh`` with vectors). On CPU from 768 to 2048 wide, SciPy's LAPACK driver (measured faster
+    than torch's ``eigvalsh`` there; below, its thread pool's hand-over from torch's costs more than
+    it saves); elsewhere ``torch.linalg.eigvalsh``."""
     d = G.shape[-1]
-    if G.device.type == "cpu" and G.dim() == 2 and d <= _SCIPY_VALUES_MAX_DIM:
+    if G.device.type == "cpu" and G.dim() == 2 and _SCIPY_VALUES_DIMS[0] <= d <= _SCIPY_VALUES_DIMS[1]:
         with scipy_linalg() as linalg:
             if linalg is not None:
                 return torch.from_numpy(linalg.eigh(G.numpy(), eigvals_only=True, check_finite=False)).to(G.dtype)
