@@ -39,7 +39,6 @@ from vlmpress.core.solvers import (
     full_svd,
     gram_eigen,
     gram_singular_values,
-    symmetric_eigenvalues,
 )
 from vlmpress.errors import CalibrationError, ConfigError
 from vlmpress.report import CompressionReport, LayerReport
@@ -191,15 +190,15 @@ class WeightGram:
 
 
 def layer_spectrum(
-    W: torch.Tensor, device: torch.device, budget: int, keep: str = "vectors"
+    W: torch.Tensor, device: torch.device, budget: int, keep: str | None = "vectors"
 ) -> tuple[torch.Tensor, tuple | WeightGram | None, int]:
     """(singular values, cached spectrum or None, bytes used) of one weight, float64 on ``device``.
 
     One ``eigh`` of the smaller-side Gram matrix gives the singular values. While the cache
     ``budget`` allows, ``keep="vectors"`` also keeps that side's singular vectors for the solvers
     (the other side is formed only if a solver needs it); ``keep="gram"`` computes values only and
-    keeps a tall weight's Gram matrix (the closed form's basis needs it again). Beyond the budget
-    only the values are computed. Whole and sequential mode both call this, so their tolerance
+    keeps a tall weight's Gram matrix (the closed form's basis needs it again); ``keep=None`` keeps
+    nothing. Beyond the budget only the values are computed. Whole and sequential mode both call this, so their tolerance
     ranks are bit-identical.
     """
     n, m = W.shape
@@ -209,8 +208,8 @@ def layer_spectrum(
         S, vecs = gram_eigen(W64)
         return S, (S, vecs), need
     if keep == "gram" and n > m and need <= budget:
-        G = gram(W64)
-        return symmetric_eigenvalues(G).flip(-1).clamp_min(0).sqrt(), WeightGram(G), need
+        G = gram(W64)  # a tall weight's smaller side
+        return gram_singular_values(W64, G), WeightGram(G), need
     return gram_singular_values(W64), None, 0
 
 
@@ -251,7 +250,7 @@ def _spectra(
                 flush(pending.pop(shape))
             continue
         t0 = time.perf_counter()
-        S, cached, used = layer_spectrum(layer.weight_matrix, device, budget, keep or "vectors")
+        S, cached, used = layer_spectrum(layer.weight_matrix, device, budget, keep)
         budget -= used
         if cached is not None:
             cache[layer.name] = cached

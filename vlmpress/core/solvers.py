@@ -171,11 +171,13 @@ def symmetric_eigenvalues(G: torch.Tensor) -> torch.Tensor:
     return torch.linalg.eigvalsh(G)
 
 
-def gram_singular_values(W: torch.Tensor) -> torch.Tensor:
-    """Singular values (descending) of W from its smaller-side Gram matrix, without vectors."""
-    W = W.to(torch.float64)
-    wide = W.shape[-2] <= W.shape[-1]
-    return symmetric_eigenvalues(gram(W.mT if wide else W)).flip(-1).clamp_min(0).sqrt()
+def gram_singular_values(W: torch.Tensor, G: torch.Tensor | None = None) -> torch.Tensor:
+    """Singular values (descending) of W from its smaller-side Gram matrix ``G`` (formed here unless
+    the caller has it), without vectors."""
+    if G is None:
+        W = W.to(torch.float64)
+        G = gram(W.mT if W.shape[-2] <= W.shape[-1] else W)
+    return symmetric_eigenvalues(G).flip(-1).clamp_min(0).sqrt()
 
 
 def inverse_values(S: torch.Tensor) -> torch.Tensor:
