@@ -28,9 +28,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from _bench_common import calibration_images, captions, machine, sync  # noqa: E402
 
-from vlmpress.adapters import load_model  # noqa: E402
-from vlmpress.compress import als_path, calibrate, compress, select_layers  # noqa: E402
-from vlmpress.config import CompressionConfig  # noqa: E402
+from vlmpress.pipeline.loading import load_model  # noqa: E402
+from vlmpress.pipeline.compress import als_path, calibrate, compress, select_layers  # noqa: E402
+from vlmpress.pipeline.config import CompressionConfig  # noqa: E402
 from vlmpress.data.calibration import CalibrationSet, caption_batches, image_batches  # noqa: E402
 
 
@@ -116,7 +116,7 @@ def main() -> None:
     # pre-decoded batches, alternated per tower, best of --repeats
     import importlib
 
-    pipeline = importlib.import_module("vlmpress.compress")  # the module, not a same-named function
+    pipeline = importlib.import_module("vlmpress.pipeline.compress")  # the module, not a same-named function
 
     def plain_forward(group: str) -> None:
         with torch.no_grad():

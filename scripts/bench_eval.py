@@ -36,7 +36,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from _bench_common import SHARED_CALTECH, machine  # noqa: E402
 
-from vlmpress.adapters import load_model  # noqa: E402
+from vlmpress.pipeline.loading import load_model  # noqa: E402
 from vlmpress.data import build_dataset  # noqa: E402
 from vlmpress.evaluation import build_text_classifier, evaluate_zeroshot  # noqa: E402
 
@@ -110,7 +110,8 @@ def main() -> None:
               f"{med:>8.3f} {n / med:>7.1f} {plain_med / med:>6.2f}")
 
 def _is_generative(spec: str) -> bool:
-    from vlmpress.adapters import adapter_for_spec, is_compressed_dir
+    from vlmpress.adapters import adapter_for_spec
+    from vlmpress.pipeline.loading import is_compressed_dir
 
     if is_compressed_dir(spec):
         import json
@@ -130,7 +131,7 @@ def _bench_generative(args) -> None:
     print(f"# machine: {machine()}")
     spec = args.model
     if spec == "tiny-llava":
-        from vlmpress.testing_genvlm import save_tiny_llava
+        from vlmpress.testing.genvlm import save_tiny_llava
 
         spec = "hf:" + str(save_tiny_llava(Path(tempfile.mkdtemp()) / "llava", image_size=336, patch_size=14, hidden=64, max_positions=1024))
     adapter = load_model(spec).eval()

@@ -21,9 +21,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from _bench_common import calibration_images, captions, machine, time_call  # noqa: E402
 
-from vlmpress.adapters import load_model  # noqa: E402
-from vlmpress.compress import compress  # noqa: E402
-from vlmpress.config import CompressionConfig  # noqa: E402
+from vlmpress.pipeline.loading import load_model  # noqa: E402
+from vlmpress.pipeline.compress import compress  # noqa: E402
+from vlmpress.pipeline.config import CompressionConfig  # noqa: E402
 
 
 def main() -> None:

@@ -91,10 +91,10 @@ def _reset_peak() -> bool:
 
 def child(args) -> None:
     from vlmpress.adapters.hf_causal_lm import HFCausalLMAdapter
-    from vlmpress.compress import compress
-    from vlmpress.config import CompressionConfig
+    from vlmpress.pipeline.compress import compress
+    from vlmpress.pipeline.config import CompressionConfig
     from vlmpress.data.text_calibration import TokenCalibration
-    from vlmpress.sequential import compress_sequential
+    from vlmpress.pipeline.sequential import compress_sequential
 
     torch.set_num_threads(args.threads)
     spec = f"hf:{args.model_dir}"

@@ -27,9 +27,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _bench_common import SHARED_CALTECH  # noqa: E402
 
 from vlmpress.api import compress_model  # noqa: E402
-from vlmpress.checkpoint import save_compressed  # noqa: E402
+from vlmpress.pipeline.checkpoint import save_compressed  # noqa: E402
 from vlmpress.cli import main as cli  # noqa: E402
-from vlmpress.config import CompressionConfig  # noqa: E402
+from vlmpress.pipeline.config import CompressionConfig  # noqa: E402
 from vlmpress.reference.genvlm import GENVLM_REFERENCES, get_genvlm_reference  # noqa: E402
 
 RUNS = (("svd", "shared"), ("svd_llm", "shared"), ("svd_als", "shared"), ("pgsvd", "shared"), ("pgsvd", "auto"))

@@ -22,8 +22,8 @@ import torch
 
 from vlmpress.adapters.hf_causal_lm import HFCausalLMAdapter
 from vlmpress.commands.evaluate_lm import evaluate_lm_model, write_records
-from vlmpress.compress import compress
-from vlmpress.config import CompressionConfig
+from vlmpress.pipeline.compress import compress
+from vlmpress.pipeline.config import CompressionConfig
 from vlmpress.evaluation.lm_table import build_lm_table
 from vlmpress.io import atomic_write_text
 

@@ -12,7 +12,7 @@ import logging
 import sys
 from pathlib import Path
 
-from vlmpress.suite import SuiteConfig, run_suite
+from vlmpress.evaluation.suite import SuiteConfig, run_suite
 
 RECIPE = Path(__file__).resolve().parents[1] / "configs" / "suites" / "paper-clip-vitb16.yaml"
 

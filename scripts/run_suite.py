@@ -13,7 +13,7 @@ import logging
 import sys
 
 from vlmpress.errors import VlmpressError
-from vlmpress.suite import SuiteConfig, run_suite
+from vlmpress.evaluation.suite import SuiteConfig, run_suite
 
 
 def main() -> int:

@@ -14,7 +14,7 @@ import dataclasses
 import json
 import logging
 
-from vlmpress.lm_reference import ReferenceLMConfig, train_reference_lm
+from vlmpress.reference.lm import ReferenceLMConfig, train_reference_lm
 
 
 def main(argv=None) -> int:

@@ -52,7 +52,7 @@ def test_eva_attention_rewrite_is_exact():
 
 
 def _cfg(**kw):
-    from vlmpress.config import CompressionConfig
+    from vlmpress.pipeline.config import CompressionConfig
 
     base = dict(model="open_clip:vlmpress-tiny", method="svd", device="cpu")
     base.update(kw)
@@ -60,20 +60,20 @@ def _cfg(**kw):
 
 
 def test_group_given_a_tolerance_without_layers_is_an_error():
-    from vlmpress.compress import compress
+    from vlmpress.pipeline.compress import compress
     from vlmpress.testing import tiny_open_clip
 
     adapter = tiny_open_clip()
     with pytest.raises(ConfigError, match=r"group 'vision' of model 'open_clip:vlmpress-tiny' was given a tolerance \(eps-v=0.5\)"):
         compress(adapter, _cfg(eps_v=0.5, eps_t=0.5, targets=[r"^transformer\."]))
     with pytest.raises(ConfigError, match="has no group 'decoder'"):
-        from vlmpress.compress import check_groups_have_targets
+        from vlmpress.pipeline.compress import check_groups_have_targets
 
         check_groups_have_targets(adapter, _cfg(eps=0.5, eps_proportion={"decoder": 1.0}, target_reduction=0.3, allocation="proportion"), [], [])
 
 
 def test_saved_tolerances_are_only_applied_ones_and_coverage_reported():
-    from vlmpress.compress import compress
+    from vlmpress.pipeline.compress import compress
     from vlmpress.testing import tiny_open_clip
 
     adapter = tiny_open_clip()

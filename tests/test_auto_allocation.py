@@ -2,8 +2,9 @@ import pytest
 import torch
 
 from toy_adapter import ToyAdapter, toy_calibration
-from vlmpress.auto_allocation import auto_compress, search_allocation, split_calibration
-from vlmpress.config import CompressionConfig
+from vlmpress.pipeline.auto_allocation import auto_compress
+from vlmpress.pipeline.auto_allocation.contrastive import search_allocation, split_calibration
+from vlmpress.pipeline.config import CompressionConfig
 from vlmpress.errors import ConfigError
 
 

@@ -156,8 +156,8 @@ def test_pipeline_batched_equals_per_layer(method, extra):
     import copy
 
     from toy_adapter import ToyAdapter, toy_calibration
-    from vlmpress.compress import calibrate, compress, select_layers
-    from vlmpress.config import CompressionConfig
+    from vlmpress.pipeline.compress import calibrate, compress, select_layers
+    from vlmpress.pipeline.config import CompressionConfig
 
     calib = toy_calibration()
     base = ToyAdapter.load("toy:3")
@@ -196,7 +196,7 @@ def test_batched_spectra_equal_per_layer_spectra():
     """The batched spectra route (taken off the CPU) gives every layer the values and singular
     subspaces of the per-layer route (checked on CPU)."""
     from toy_adapter import ToyAdapter
-    from vlmpress.compress import _spectra
+    from vlmpress.pipeline.compress import _spectra
 
     layers = ToyAdapter.load("toy:5").target_layers()
     cpu = torch.device("cpu")
@@ -271,8 +271,8 @@ def test_pipeline_als_path(path):
     import copy
 
     from toy_adapter import ToyAdapter, toy_calibration
-    from vlmpress.compress import calibrate, compress, needs_singular_vectors, select_layers
-    from vlmpress.config import CompressionConfig
+    from vlmpress.pipeline.compress import calibrate, compress, needs_singular_vectors, select_layers
+    from vlmpress.pipeline.config import CompressionConfig
 
     calib = toy_calibration()
     base = ToyAdapter.load("toy:3")
@@ -304,7 +304,7 @@ def test_tall_weight_grams_from_rank_planning_are_reused_by_the_closed_form():
     """keep='gram': values bit-identical to the values-only route, tall weights keep W^T W, and the
     closed form (per layer and batched) built on it equals the one that forms it itself."""
     from toy_adapter import ToyAdapter
-    from vlmpress.compress import WeightGram, _spectra
+    from vlmpress.pipeline.compress import WeightGram, _spectra
 
     layers = ToyAdapter.load("toy:5").target_layers()
     cpu = torch.device("cpu")

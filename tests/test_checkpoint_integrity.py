@@ -14,10 +14,10 @@ import torch
 
 import toy_adapter  # noqa: F401  (registers the "toy" adapter family)
 from toy_adapter import ToyAdapter
-import vlmpress.checkpoint as ck
-from vlmpress.checkpoint import load_compressed, save_compressed
-from vlmpress.compress import compress
-from vlmpress.config import CompressionConfig
+import vlmpress.pipeline.checkpoint as ck
+from vlmpress.pipeline.checkpoint import load_compressed, save_compressed
+from vlmpress.pipeline.compress import compress
+from vlmpress.pipeline.config import CompressionConfig
 from vlmpress.errors import CheckpointError, ConfigError
 from child_process import own_progress_lock
 

@@ -21,11 +21,11 @@ from PIL import Image
 
 import toy_adapter  # noqa: F401  (registers the "toy" adapter family)
 from toy_adapter import ToyAdapter
-from vlmpress.checkpoint import save_compressed
+from vlmpress.pipeline.checkpoint import save_compressed
 from vlmpress.cli import main
-from vlmpress.compress import compress
-from vlmpress.config import CompressionConfig
-from vlmpress.lm_reference import TINY_TEXT, save_tiny_causal_lm
+from vlmpress.pipeline.compress import compress
+from vlmpress.pipeline.config import CompressionConfig
+from vlmpress.reference.lm import TINY_TEXT, save_tiny_causal_lm
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -9,10 +9,10 @@ import pytest
 import torch
 from PIL import Image
 
-from vlmpress.adapters import load_model
+from vlmpress.pipeline.loading import load_model
 from vlmpress.cli import main
-from vlmpress.compress import compress, count_parameters
-from vlmpress.config import CompressionConfig
+from vlmpress.pipeline.compress import compress, count_parameters
+from vlmpress.pipeline.config import CompressionConfig
 from vlmpress.core.lowrank import LowRankLinear
 from vlmpress.core.rank import saves_parameters, tolerance_rank
 from vlmpress.data.calibration import build_calibration_set
@@ -96,7 +96,7 @@ def test_cli_compress_then_reload_in_fresh_process(tmp_path, image_folder):
     script = f"""
 import torch
 from PIL import Image
-from vlmpress.adapters import load_model
+from vlmpress.pipeline.loading import load_model
 a = load_model({str(out)!r})
 imgs = {[str(p) for p in images]!r}
 with torch.no_grad():

@@ -51,7 +51,7 @@ def test_open_clip_timm_trunks(tmp_path, trunk):
 def test_open_clip_hf_text_tower(tmp_path):
     import shutil
 
-    from vlmpress.checkpoint import load_compressed
+    from vlmpress.pipeline.checkpoint import load_compressed
 
     adapter = testing.tiny_open_clip_hf_text(tmp_path)
     info = testing.check_adapter(adapter, tmp_path / "kit")

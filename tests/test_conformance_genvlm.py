@@ -9,7 +9,7 @@ import torch
 
 from vlmpress import testing
 from vlmpress.adapters.hf_llava import HFLlavaAdapter, HFPaliGemmaAdapter
-from vlmpress.testing_genvlm import save_tiny_llava, save_tiny_paligemma
+from vlmpress.testing.genvlm import save_tiny_llava, save_tiny_paligemma
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -98,7 +98,7 @@ def test_catches_an_export_that_loses_the_compression(llava_spec, tmp_path, monk
 
 def test_rejects_an_adapter_of_another_kind(tmp_path):
     from vlmpress.adapters.hf_causal_lm import HFCausalLMAdapter
-    from vlmpress.lm_reference import save_tiny_causal_lm
+    from vlmpress.reference.lm import save_tiny_causal_lm
 
     lm = HFCausalLMAdapter.load(f"hf:{save_tiny_causal_lm(tmp_path / 'lm', 'llama')}")
     with pytest.raises(TypeError, match="check_adapter checks vision-language adapters.*HFCausalLMAdapter"):

@@ -8,10 +8,10 @@ import logging
 import pytest
 from PIL import Image
 
-from vlmpress.checkpoint import load_compressed, save_compressed
+from vlmpress.pipeline.checkpoint import load_compressed, save_compressed
 from vlmpress.cli import main
-from vlmpress.compress import compress
-from vlmpress.config import CompressionConfig
+from vlmpress.pipeline.compress import compress
+from vlmpress.pipeline.config import CompressionConfig
 from vlmpress.testing import tiny_open_clip
 
 pytestmark = pytest.mark.usefixtures("one_thread")

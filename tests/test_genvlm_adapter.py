@@ -8,17 +8,18 @@ import json
 import pytest
 import torch
 
-from vlmpress.adapters import adapter_for_spec, load_model
+from vlmpress.adapters import adapter_for_spec
+from vlmpress.pipeline.loading import load_model
 from vlmpress.adapters.hf_causal_lm import HFCausalLMAdapter
 from vlmpress.adapters.hf_llava import HFLlavaAdapter
 from vlmpress.adapters.merge import merge_lowrank_layers
 from vlmpress.api import compress_model
-from vlmpress.checkpoint import export_dense, load_compressed, save_compressed
-from vlmpress.compress import calibrate, select_layers
-from vlmpress.config import CompressionConfig
+from vlmpress.pipeline.checkpoint import export_dense, load_compressed, save_compressed
+from vlmpress.pipeline.compress import calibrate, select_layers
+from vlmpress.pipeline.config import CompressionConfig
 from vlmpress.core.lowrank import LowRankLinear
 from vlmpress.errors import CalibrationError
-from vlmpress.testing_genvlm import save_tiny_llava, write_image_folder
+from vlmpress.testing.genvlm import save_tiny_llava, write_image_folder
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -149,7 +150,7 @@ def test_save_reload_and_export_dense(tiny, probe_batch, tmp_path):
 
 
 def test_sequential_equals_whole_with_original_propagation(tiny, probe_batch):
-    from vlmpress.sequential import compress_sequential
+    from vlmpress.pipeline.sequential import compress_sequential
 
     spec, images, _ = tiny
     cfg = _cfg(spec, images, method="pgsvd", eps=0.6, targets=["language_model"], propagate="original")

@@ -17,7 +17,7 @@ from vlmpress.evaluation.likelihood import (
     full_sequence_log_likelihoods,
 )
 from vlmpress.evaluation.metrics import compute_metrics
-from vlmpress.testing_genvlm import save_tiny_llava, write_image_folder
+from vlmpress.testing.genvlm import save_tiny_llava, write_image_folder
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

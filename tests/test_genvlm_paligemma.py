@@ -11,11 +11,11 @@ from vlmpress.adapters import adapter_for_spec
 from vlmpress.adapters.hf_llava import HFPaliGemmaAdapter
 from vlmpress.adapters.merge import merge_lowrank_layers
 from vlmpress.api import compress_model
-from vlmpress.checkpoint import export_dense, load_compressed, save_compressed
-from vlmpress.config import CompressionConfig
+from vlmpress.pipeline.checkpoint import export_dense, load_compressed, save_compressed
+from vlmpress.pipeline.config import CompressionConfig
 from vlmpress.evaluation.likelihood import caption_log_likelihoods, full_sequence_log_likelihoods
-from vlmpress.sequential import compress_sequential
-from vlmpress.testing_genvlm import save_tiny_paligemma, write_image_folder
+from vlmpress.pipeline.sequential import compress_sequential
+from vlmpress.testing.genvlm import save_tiny_paligemma, write_image_folder
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

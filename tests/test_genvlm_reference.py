@@ -58,7 +58,7 @@ def test_built_llava_scores_captions_through_the_adapter(visual, tmp_path):
 @pytest.mark.slow
 def test_quick_genvlm_reference_trains_saves_and_loads(tmp_path, monkeypatch):
     """End to end on a handful of digits: reference CLIP -> converted tower -> trained projector + LM -> hf:<dir>."""
-    from vlmpress.adapters import load_model
+    from vlmpress.pipeline.loading import load_model
     from vlmpress.reference.genvlm import DIGITS_LLAVA, get_genvlm_reference
 
     monkeypatch.setenv("VLMPRESS_CACHE", str(tmp_path / "cache"))

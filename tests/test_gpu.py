@@ -8,8 +8,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vlmpress.compress import compress
-from vlmpress.config import CompressionConfig
+from vlmpress.pipeline.compress import compress
+from vlmpress.pipeline.config import CompressionConfig
 from vlmpress.core.lowrank import LowRankLinear
 from vlmpress.core.solvers import factorize
 
@@ -76,8 +76,8 @@ def test_open_clip_compression_on_cuda_matches_cpu(tmp_path):
 
 def test_llm_sequential_on_cuda_matches_cpu(tmp_path):
     from vlmpress.adapters.hf_causal_lm import HFCausalLMAdapter
-    from vlmpress.lm_reference import TINY_TEXT, save_tiny_causal_lm
-    from vlmpress.sequential import compress_sequential
+    from vlmpress.reference.lm import TINY_TEXT, save_tiny_causal_lm
+    from vlmpress.pipeline.sequential import compress_sequential
 
     text = tmp_path / "calib.txt"
     text.write_text(TINY_TEXT)

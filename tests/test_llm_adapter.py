@@ -10,15 +10,15 @@ import torch
 from vlmpress.adapters import adapter_for_spec
 from vlmpress.adapters.base import replace_module
 from vlmpress.adapters.hf_causal_lm import HFCausalLMAdapter, UnsupportedArchitectureError
-from vlmpress.checkpoint import export_dense, load_compressed, save_compressed
-from vlmpress.compress import calibrate, compress, count_parameters, select_layers
-from vlmpress.config import CompressionConfig
+from vlmpress.pipeline.checkpoint import export_dense, load_compressed, save_compressed
+from vlmpress.pipeline.compress import calibrate, compress, count_parameters, select_layers
+from vlmpress.pipeline.config import CompressionConfig
 from vlmpress.core.lowrank import LowRankLinear
 from vlmpress.core.rank import saves_parameters, tolerance_rank
 from vlmpress.core.solvers import solve_svd
 from vlmpress.data.text_calibration import TokenCalibration
 from vlmpress.errors import CalibrationError, ConfigError, VlmpressError
-from vlmpress.lm_reference import TINY_TEXT, save_tiny_causal_lm
+from vlmpress.reference.lm import TINY_TEXT, save_tiny_causal_lm
 
 ARCHS = ["llama", "qwen2", "gpt2", "opt"]
 

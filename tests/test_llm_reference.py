@@ -5,7 +5,7 @@ import torch
 
 from vlmpress.adapters.hf_causal_lm import HFCausalLMAdapter
 from vlmpress.evaluation.perplexity import evaluate_perplexity
-from vlmpress.lm_reference import TINY_TEXT, Corpus, ReferenceLMConfig, train_reference_lm
+from vlmpress.reference.lm import TINY_TEXT, Corpus, ReferenceLMConfig, train_reference_lm
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from vlmpress.cli import main
-from vlmpress.lm_reference import TINY_TEXT, save_tiny_causal_lm
+from vlmpress.reference.lm import TINY_TEXT, save_tiny_causal_lm
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -50,7 +50,7 @@ def test_plain_svd_reports_activation_error_when_given_data(tmp_path):
 
 def test_one_calibration_window_per_document(tmp_path):
     from vlmpress.adapters.hf_causal_lm import HFCausalLMAdapter
-    from vlmpress.config import CompressionConfig
+    from vlmpress.pipeline.config import CompressionConfig
     from vlmpress.data.text_calibration import tokenize_text
 
     model = save_tiny_causal_lm(tmp_path / "llama", "llama", seed=5, layers=1)

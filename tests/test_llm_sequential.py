@@ -6,12 +6,12 @@ import pytest
 import torch
 
 from vlmpress.adapters.hf_causal_lm import HFCausalLMAdapter
-from vlmpress.compress import calibrate, compress, select_layers
-from vlmpress.config import CompressionConfig
+from vlmpress.pipeline.compress import calibrate, compress, select_layers
+from vlmpress.pipeline.config import CompressionConfig
 from vlmpress.core.lowrank import LowRankLinear
 from vlmpress.errors import ConfigError
-from vlmpress.lm_reference import TINY_TEXT, save_tiny_causal_lm
-from vlmpress.sequential import compress_sequential
+from vlmpress.reference.lm import TINY_TEXT, save_tiny_causal_lm
+from vlmpress.pipeline.sequential import compress_sequential
 
 IDS = torch.tensor([[5, 17, 42, 99, 3, 250, 7, 8, 120, 64, 11, 200]])
 

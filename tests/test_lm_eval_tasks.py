@@ -9,7 +9,7 @@ import pytest
 pytest.importorskip("lm_eval", reason="needs the llm extra (pip install 'vlmpress[llm]')")
 
 from vlmpress.cli import main  # noqa: E402
-from vlmpress.lm_reference import save_tiny_causal_lm  # noqa: E402
+from vlmpress.reference.lm import save_tiny_causal_lm  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -14,7 +14,7 @@ import torch
 from vlmpress.adapters.hf_causal_lm import HFCausalLMAdapter
 from vlmpress.errors import CalibrationError, ConfigError
 from vlmpress.evaluation.perplexity import evaluate_perplexity, window_plan
-from vlmpress.lm_reference import TINY_TEXT, save_tiny_causal_lm
+from vlmpress.reference.lm import TINY_TEXT, save_tiny_causal_lm
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny matrices: see conftest

@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from toy_adapter import ToyAdapter, toy_calibration
-from vlmpress.allocation import LayerPlan, reduction_of, tolerances_for_target
-from vlmpress.checkpoint import load_compressed, save_compressed
-from vlmpress.compress import compress, count_parameters
-from vlmpress.config import CompressionConfig
+from vlmpress.pipeline.rank_plan import LayerPlan, reduction_of, tolerances_for_target
+from vlmpress.pipeline.checkpoint import load_compressed, save_compressed
+from vlmpress.pipeline.compress import compress, count_parameters
+from vlmpress.pipeline.config import CompressionConfig
 from vlmpress.core.lowrank import LowRankLinear
 from vlmpress.core.rank import tolerance_rank
 from vlmpress.errors import CheckpointError, ConfigError
@@ -107,7 +107,7 @@ def test_tolerance_bisection_within_half_a_point_on_many_layers():
         for weights in ({"*": 1.0}, {"vision": 1.3, "text": 0.7}):
             tols, achieved = tolerances_for_target(plans, target, weights)
             assert abs(achieved - target) <= 0.005
-            from vlmpress.allocation import ranks_from_tolerances
+            from vlmpress.pipeline.rank_plan import ranks_from_tolerances
 
             assert reduction_of(plans, ranks_from_tolerances(plans, tols)) == pytest.approx(achieved)
 
@@ -160,7 +160,7 @@ def test_save_load_roundtrip_and_errors(tmp_path, calib):
 def test_save_is_atomic_when_interrupted(tmp_path, calib, monkeypatch):
     adapter = ToyAdapter.load("toy:7")
     report = compress(adapter, CompressionConfig(method="svd", ratio=0.5, device="cpu"))
-    import vlmpress.checkpoint as ck
+    import vlmpress.pipeline.checkpoint as ck
 
     def fail(*a, **k):
         raise RuntimeError("disk full")
@@ -217,7 +217,7 @@ def test_compress_model_entry_point_accepts_spec_dict_and_overrides(tmp_path, ca
 
 def test_rank_multiple_keeps_tolerance_and_target():
     """Aligned ranks (GPU-friendly GEMMs): multiples of 8, error still <= eps, targets still met."""
-    from vlmpress.allocation import ranks_for_target_ratio, ranks_from_ratio, ranks_from_tolerances
+    from vlmpress.pipeline.rank_plan import ranks_for_target_ratio, ranks_from_ratio, ranks_from_tolerances
     from vlmpress.core.rank import align_rank, relative_truncation_errors
 
     assert [align_rank(r, 8, 100) for r in (1, 8, 9, 97, 100)] == [8, 8, 16, 100, 100]

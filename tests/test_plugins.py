@@ -117,7 +117,7 @@ def test_plugin_through_the_stock_cli(tmp_path):
 
 
 def test_precedence_and_explicit_choice(tmp_path, monkeypatch):
-    from vlmpress import adapters
+    from vlmpress.adapters import registry as adapters
     from vlmpress.adapters import adapter_for_spec, use_adapter
     from vlmpress.adapters.open_clip import OpenClipAdapter
     from vlmpress.errors import UnknownModelSpecError

@@ -93,7 +93,7 @@ def test_get_reference_caches_and_retrains_on_config_change(monkeypatch, tmp_pat
     def no_training(*args, **kwargs):
         raise AssertionError("trained again")
 
-    monkeypatch.setattr(store._training, "train_reference", no_training)
+    monkeypatch.setattr(store, "train_reference", no_training)
     again = get_reference("digits", quick=True, epochs=2, **QUICK)
     assert again.checkpoint == first.checkpoint and again.metadata == first.metadata
     with pytest.raises(AssertionError, match="trained again"):
@@ -104,7 +104,7 @@ def test_get_reference_caches_and_retrains_on_config_change(monkeypatch, tmp_pat
 
 def test_adapter_loads_reference_spec(quick_result, tmp_path):
     pytest.importorskip("vlmpress.adapters.open_clip")
-    from vlmpress.adapters import load_model
+    from vlmpress.pipeline.loading import load_model
 
     ref = save_reference(quick_result, tmp_path / "ref")
     adapter = load_model(ref.spec)

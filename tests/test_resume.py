@@ -12,8 +12,8 @@ import torch
 from safetensors.torch import load_file
 
 from vlmpress.cli import main
-from vlmpress.lm_reference import TINY_TEXT, save_tiny_causal_lm
-from vlmpress.sequential_state import SequentialState, state_dir_for
+from vlmpress.reference.lm import TINY_TEXT, save_tiny_causal_lm
+from vlmpress.pipeline.sequential_state import SequentialState, state_dir_for
 from child_process import own_progress_lock
 
 pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")]

@@ -10,9 +10,9 @@ import pytest
 import yaml
 from PIL import Image
 
-import vlmpress.suite as suite_mod
+import vlmpress.evaluation.suite as suite_mod
 from vlmpress.errors import DatasetError
-from vlmpress.suite import SuiteConfig, run_suite
+from vlmpress.evaluation.suite import SuiteConfig, run_suite
 from vlmpress.testing import TINY_OPEN_CLIP_SPEC
 
 pytestmark = pytest.mark.usefixtures("one_thread")

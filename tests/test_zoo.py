@@ -10,7 +10,7 @@ import torch
 
 from vlmpress.adapters.discovery import layer_kind
 from vlmpress.adapters.zoo import MIN_COVERAGE, survey_open_clip
-from vlmpress.resources import project_root
+from vlmpress.io.resources import project_root
 
 TABLE = project_root() / "eval" / "zoo" / "zoo.json"
 #: one config per vision-tower family (open_clip ViT, ModifiedResNet, timm ConvNeXt/EVA/SigLIP/Swin/FastViT/ViTamin/PE)

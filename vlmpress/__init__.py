@@ -9,10 +9,10 @@ Entry points::
 
 import logging
 
-from vlmpress.adapters import load_model
+from vlmpress.pipeline.loading import load_model
 from vlmpress.api import compress_model
-from vlmpress.checkpoint import export_dense, load_compressed, save_compressed
-from vlmpress.config import CompressionConfig
+from vlmpress.pipeline.checkpoint import export_dense, load_compressed, save_compressed
+from vlmpress.pipeline.config import CompressionConfig
 from vlmpress.core import CovarianceCollector, LowRankLinear, factorize
 
 __version__ = "0.1.0"

@@ -12,10 +12,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from vlmpress.adapters import ModelAdapter, adapter_for_spec, is_compressed_dir, load_model
-from vlmpress.config import CompressionConfig
+from vlmpress.adapters import ModelAdapter, adapter_for_spec
+from vlmpress.pipeline.loading import is_compressed_dir, load_model
+from vlmpress.pipeline.config import CompressionConfig
 from vlmpress.errors import ConfigError
-from vlmpress.report import CompressionReport
+from vlmpress.pipeline.report import CompressionReport
 
 
 def resolve_config(config: CompressionConfig | dict | str | Path | None = None, **overrides: Any) -> CompressionConfig:
@@ -47,7 +48,7 @@ def compress_model(
     sequential (block-by-block) mode when the config asks for them. In sequential mode,
     ``state_dir`` persists each finished block and ``resume`` continues an interrupted run.
     """
-    from vlmpress.compress import compress, load_calibration, resolve_device
+    from vlmpress.pipeline.compress import compress, load_calibration, resolve_device
 
     spec = model if isinstance(model, str) else model.spec
     cfg = resolve_config(config, model=spec, **overrides)
@@ -70,11 +71,11 @@ def compress_model(
         calibration = load_calibration(adapter_cls, cfg)  # before loading: bad data fails fast
     adapter = adapter_cls.load(model, device=device, **load_kwargs) if isinstance(model, str) else model
     if cfg.mode == "sequential":
-        from vlmpress.sequential import compress_sequential
+        from vlmpress.pipeline.sequential import compress_sequential
 
         report = compress_sequential(adapter, cfg, calibration, state_dir=state_dir, resume=resume)
     elif cfg.allocation == "auto" and cfg.target_reduction is not None and cfg.rank_rule == "tolerance":
-        from vlmpress.auto_allocation import auto_compress
+        from vlmpress.pipeline.auto_allocation import auto_compress
 
         report = auto_compress(adapter, cfg, calibration)
     else:

@@ -18,79 +18,22 @@ tokenize, encode_image, encode_text), which is all the zero-shot harness uses.
 
 from __future__ import annotations
 
-import re
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, ClassVar
 
 import torch
 from torch import nn
 
-from vlmpress.errors import ConfigError
-
-
-@dataclass
-class TargetLayer:
-    """A compressible layer: its dotted module path, group, kind and the module itself."""
-
-    name: str
-    group: str
-    kind: str  # "attn" | "mlp" | "other"
-    module: nn.Module
-
-    @property
-    def weight_matrix(self) -> torch.Tensor:
-        """The layer's weight as an (out x in) matrix (GPT-2 Conv1D stores it transposed)."""
-        return weight_matrix(self.module)
-
-
-def weight_matrix(module: nn.Module) -> torch.Tensor:
-    """(out x in) view of a linear-like module's weight."""
-    if isinstance(module, nn.Linear):
-        return module.weight
-    if type(module).__name__ == "Conv1D" and hasattr(module, "nf"):  # transformers GPT-2: y = x @ W + b
-        return module.weight.T
-    raise TypeError(f"unsupported layer type {type(module).__name__}")
-
-
-def get_submodule_parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
-    """peft-style parent lookup: (parent module, attribute name) for a dotted path."""
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    return parent, child
-
-
-def replace_module(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
-    """Swap the module at dotted path ``name`` for ``new`` in place; returns the old one."""
-    parent, child = get_submodule_parent(model, name)
-    old = getattr(parent, child)
-    setattr(parent, child, new)
-    return old
-
-
-def select_targets(
-    layers: Sequence[TargetLayer],
-    targets: Sequence[str] | None = None,
-    exclude: Sequence[str] | None = None,
-) -> list[TargetLayer]:
-    """Filter layers by regexes on their names (peft's ``target_modules``/``exclude_modules``).
-
-    A layer is kept when it matches (``re.search``) any ``targets`` pattern (all layers when
-    ``targets`` is empty) and no ``exclude`` pattern.
-    """
-    try:
-        inc = [re.compile(p) for p in (targets or [])]
-        exc = [re.compile(p) for p in (exclude or [])]
-    except re.error as err:
-        raise ConfigError(f"invalid layer-name regex: {err}") from None
-    kept = [
-        layer
-        for layer in layers
-        if (not inc or any(p.search(layer.name) for p in inc)) and not any(p.search(layer.name) for p in exc)
-    ]
-    return kept
+from vlmpress.adapters.discovery import tower_inventory
+from vlmpress.adapters.layers import (  # noqa: F401  (re-exported: the historical vlmpress.adapters.base names)
+    TargetLayer,
+    get_submodule_parent,
+    replace_module,
+    select_targets,
+    weight_matrix,
+)
 
 
 class ModelAdapter(ABC):
@@ -196,8 +139,6 @@ class ModelAdapter(ABC):
 
         ``targets`` defaults to :meth:`target_layers`. Empty when the adapter declares no ``towers``.
         """
-        from vlmpress.adapters.discovery import tower_inventory
-
         if not self.towers:
             return {}
         names = [layer.name for layer in self.target_layers()] if targets is None else list(targets)
@@ -225,6 +166,9 @@ class VisionLanguageAdapter(ModelAdapter):
 
     groups = ("vision", "text")
     group_modality = {"vision": "images", "text": "texts"}
+    #: how ``allocation: auto`` scores a candidate tower split (a key of
+    #: ``vlmpress.pipeline.auto_allocation.AUTO_ALLOCATION_PROXIES``): the zero-shot image->text distribution
+    allocation_proxy: ClassVar[str] = "zero_shot_kl"
 
     #: PIL image -> float tensor (C, H, W), the model's own eval transform
     preprocess: Callable

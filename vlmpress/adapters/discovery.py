@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from vlmpress.adapters.base import TargetLayer
+from vlmpress.adapters.layers import TargetLayer
 
 _ATTN_RE = re.compile(r"attn|attention|^(q|k|v|o|qkv|kv|query|key|value|q_proj|k_proj|v_proj|in_proj)$", re.I)
 _MLP_RE = re.compile(

@@ -16,7 +16,7 @@ Text calibration masks:
 
 from __future__ import annotations
 
-from vlmpress.adapters import register_adapter
+from vlmpress.adapters.registry import register_adapter
 from vlmpress.adapters.hf_dual_encoder import (  # noqa: F401 - re-exported for existing imports
     PREFIX,
     HFDualEncoderAdapter,

@@ -16,7 +16,7 @@ import math
 
 import torch
 
-from vlmpress.adapters import register_adapter
+from vlmpress.adapters.registry import register_adapter
 from vlmpress.adapters.hf_dual_encoder import HFDualEncoderAdapter
 
 

@@ -49,6 +49,15 @@ from vlmpress.errors import CalibrationError, CheckpointError, ConfigError, Unkn
 
 logger = logging.getLogger(__name__)
 
+#: a LLaVA-1.5-style chat template ("USER: <image>\\n{prompt} ASSISTANT:")
+LLAVA15_CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ message['role'].upper() }}: "
+    "{% for part in message['content'] %}{% if part['type'] == 'image' %}<image>\n{% else %}{{ part['text'] }}{% endif %}"
+    "{% endfor %}{% if not loop.last %}\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %} ASSISTANT:{% endif %}"
+)
+
+
 #: the question the image is shown with; the caption is the answer whose likelihood is scored
 DEFAULT_PROMPT = "What is shown in this image?"
 
@@ -158,6 +167,8 @@ class HFGenerativeVLMAdapter(ModelAdapter):
     groups = ("vision", "projector", "text")
     group_modality = {"vision": "images", "projector": "images", "text": "tokens"}
     default_exclude: ClassVar[tuple[str, ...]] = (r"(^|\.)multi_modal_projector\.", r"(^|\.)lm_head$")
+    #: ``allocation: auto`` scores splits by next-token KL on held-out caption tokens
+    allocation_proxy: ClassVar[str] = "caption_kl"
 
     model_types: ClassVar[tuple[str, ...]]
     model_class_name: ClassVar[str]
@@ -491,12 +502,6 @@ class HFGenerativeVLMAdapter(ModelAdapter):
             "text": "the full multimodal sequence: image-placeholder positions (projected image features) + prompt "
             "(chat template) + caption tokens; right padding masked out",
         }
-
-    # ------------------------------------------------------------------ allocation (auto)
-    def auto_compress(self, config, calibration: PairedCalibration):
-        from vlmpress.genvlm_allocation import auto_compress_generative
-
-        return auto_compress_generative(self, config, calibration)
 
     # ------------------------------------------------------------------ export
     def export_dense(self, out_dir: str | Path) -> None:

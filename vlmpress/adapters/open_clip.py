@@ -31,13 +31,13 @@ import open_clip
 import torch
 from torch import nn
 
-from vlmpress.adapters import register_adapter
+from vlmpress.adapters.registry import register_adapter
 from vlmpress.adapters.attention import SplitMultiheadAttention, dense_weight, split_attention_modules
 from vlmpress.adapters.base import TargetLayer, VisionLanguageAdapter
 from vlmpress.adapters.discovery import discover_targets
 from vlmpress.adapters.module_calls import prepare_module_calls
 from vlmpress.errors import CheckpointError, ConfigError, UnknownModelSpecError, VlmpressError
-from vlmpress.resources import project_root
+from vlmpress.io.resources import project_root
 
 logger = logging.getLogger(__name__)
 

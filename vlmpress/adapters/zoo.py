@@ -153,7 +153,7 @@ def open_clip_names() -> list[str]:
 
 def survey_hf_families() -> list[ZooRow]:
     """Every registered transformers dual-encoder family, built from its default config on meta."""
-    from vlmpress.adapters import get_adapter_class, known_adapters
+    from vlmpress.adapters.registry import get_adapter_class, known_adapters
     from vlmpress.adapters.hf_dual_encoder import HFDualEncoderAdapter
 
     rows = []

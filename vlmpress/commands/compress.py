@@ -7,7 +7,7 @@ import logging
 import shutil
 from pathlib import Path
 
-from vlmpress.config import ALLOCATIONS, METHODS, CompressionConfig
+from vlmpress.pipeline.config import ALLOCATIONS, METHODS, CompressionConfig
 from vlmpress.errors import ConfigError
 
 HELP = "compress a model with PGSVD / SVD-ALS / SVD-LLM / SVD and save it"
@@ -98,7 +98,7 @@ def config_from_args(args: argparse.Namespace) -> CompressionConfig:
 
 def run(args: argparse.Namespace) -> int:
     from vlmpress.api import compress_model
-    from vlmpress.checkpoint import check_output_dir, export_dense, save_compressed
+    from vlmpress.pipeline.checkpoint import check_output_dir, export_dense, save_compressed
 
     config = config_from_args(args)
     check_output_dir(args.out, config.model, args.overwrite)  # cheap checks before any model loads
@@ -107,7 +107,7 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("--resume applies to --mode sequential runs only")
     state_dir = None
     if config.mode == "sequential":
-        from vlmpress.sequential_state import state_dir_for
+        from vlmpress.pipeline.sequential_state import state_dir_for
 
         state_dir = state_dir_for(args.out)  # each finished block is kept here until the save
     adapter, report = compress_model(config.model, config, state_dir=state_dir, resume=resume)

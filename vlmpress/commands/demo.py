@@ -18,8 +18,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from vlmpress.resources import resource_path
-    from vlmpress.suite import SuiteConfig, run_suite
+    from vlmpress.io.resources import resource_path
+    from vlmpress.evaluation.suite import SuiteConfig, run_suite
 
     suite = args.suite or resource_path("eval/suites/digits-demo.yaml")
     overrides = {"out": args.out, "methods": args.methods, "reductions": args.reductions, "device": args.device}

@@ -136,13 +136,6 @@ def _fmt(rec) -> str:
 HEADER = f"{'model':<40} {'dataset':<16} {'images':>6} {'top1':>6} {'±se':<6} {'top5':>6} {'mpcr':>6} {'sec':>7}  split"
 
 
-def _verify_kwargs(args: argparse.Namespace, spec: str) -> dict:
-    """``verify`` for compressed checkpoint directories only (other specs take no such option)."""
-    from vlmpress.adapters import is_compressed_dir
-
-    return {"verify": not getattr(args, "no_verify", False)} if is_compressed_dir(spec) else {}
-
-
 def run(args: argparse.Namespace) -> int:
     lm_requested = bool(getattr(args, "perplexity", None) or getattr(args, "tasks", None))
     if lm_requested and args.datasets:
@@ -159,7 +152,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run_zeroshot(args: argparse.Namespace) -> int:
-    from vlmpress.adapters import VisionLanguageAdapter, load_model
+    from vlmpress.adapters import VisionLanguageAdapter
+    from vlmpress.pipeline.loading import load_model
     from vlmpress.evaluation.likelihood import evaluate_likelihood, supports_likelihood
     from vlmpress.evaluation.results import make_record, write_record
     from vlmpress.evaluation.zeroshot import autocast_context, evaluate_zeroshot, resolve_device
@@ -189,7 +183,7 @@ def _run_zeroshot(args: argparse.Namespace) -> int:
     records = []
     print(HEADER)
     for spec in args.model:
-        adapter = load_model(spec, device=str(device), **_verify_kwargs(args, spec))
+        adapter = load_model(spec, device=str(device), verify=not getattr(args, "no_verify", False))
         generative = supports_likelihood(adapter)
         if not isinstance(adapter, VisionLanguageAdapter) and not generative:
             raise ConfigError(f"'{spec}' is not a vision-language model; zero-shot classification needs image and text towers")

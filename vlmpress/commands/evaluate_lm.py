@@ -83,7 +83,7 @@ def _check_args(args: argparse.Namespace) -> list[str]:
 
 def evaluate_lm_model(adapter, args: argparse.Namespace, tasks: list[str]) -> list[dict[str, Any]]:
     """One record per evaluation (perplexity, tasks) for an already loaded adapter."""
-    from vlmpress.compress import resolve_device
+    from vlmpress.pipeline.compress import resolve_device
     from vlmpress.io import library_versions
 
     device = resolve_device(getattr(args, "device", None))
@@ -157,8 +157,8 @@ def write_records(out_dir: str | Path, records: list[dict[str, Any]]) -> list[Pa
 
 def run_lm(args: argparse.Namespace) -> int:
     """Load each of ``args.model`` (a spec or a list), evaluate, write results; one line per metric."""
-    from vlmpress.adapters import load_model
-    from vlmpress.compress import resolve_device
+    from vlmpress.pipeline.loading import load_model
+    from vlmpress.pipeline.compress import resolve_device
 
     tasks = _check_args(args)
     if not getattr(args, "out", None):
@@ -166,9 +166,7 @@ def run_lm(args: argparse.Namespace) -> int:
     specs = [args.model] if isinstance(args.model, str) else list(args.model)
     records = []
     for spec in specs:
-        from vlmpress.commands.evaluate import _verify_kwargs
-
-        adapter = load_model(spec, device=resolve_device(getattr(args, "device", None)), **_verify_kwargs(args, spec))
+        adapter = load_model(spec, device=resolve_device(getattr(args, "device", None)), verify=not getattr(args, "no_verify", False))
         if not hasattr(adapter, "decoder_blocks"):
             raise ConfigError(f"'{spec}' is not a causal language model; perplexity and --tasks need one")
         one = evaluate_lm_model(adapter, argparse.Namespace(**{**vars(args), "model": spec}), tasks)

@@ -43,7 +43,7 @@ from vlmpress.data.splits import (
     stratified_subset,
 )
 from vlmpress.errors import DatasetError
-from vlmpress.resources import resource_path
+from vlmpress.io.resources import resource_path
 
 logger = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from vlmpress.config import METHOD_LABELS
+from vlmpress.pipeline.config import METHOD_LABELS
 
 METHOD_ORDER = ("base", "svd", "svd_llm", "svd_als", "pgsvd")
 

@@ -132,7 +132,7 @@ class EvalRecord:
 
 # ---------------------------------------------------------------------------------------------- compression info
 def method_display(method: str) -> str:
-    from vlmpress.config import METHOD_LABELS
+    from vlmpress.pipeline.config import METHOD_LABELS
 
     return METHOD_LABELS.get(method, method.upper().replace("_", "-"))
 

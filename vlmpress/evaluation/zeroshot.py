@@ -44,7 +44,7 @@ _AMP_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 # ---------------------------------------------------------------------------------------------- device / amp
 def resolve_device(device: str | torch.device | None = None) -> torch.device:
     """``None``/``"auto"`` -> CUDA when present, else CPU; anything else as given (validated)."""
-    from vlmpress.config import parse_device
+    from vlmpress.pipeline.config import parse_device
 
     return parse_device(device)
 

@@ -8,7 +8,7 @@ the demo's default; ``caltech101`` trains on the real Caltech-101 train list.
     ref = get_reference("digits")            # cached, or trained and cached
     model, preprocess, tokenizer = ref.load()
     images, labels, classnames = reference_dataset("digits", "test", transform=preprocess)
-    adapter = vlmpress.adapters.load_model(ref.spec)   # open_clip:<name>//abs/path/model.safetensors
+    adapter = vlmpress.load_model(ref.spec)   # open_clip:<name>//abs/path/model.safetensors
 """
 
 from vlmpress.reference.config import REFERENCES, ReferenceConfig, get_config, register_model_configs

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from vlmpress.errors import ConfigError
-from vlmpress.resources import project_root, resource_path
+from vlmpress.io.resources import project_root, resource_path
 
 logger = logging.getLogger(__name__)
 

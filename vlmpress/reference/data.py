@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from vlmpress.errors import ConfigError, DatasetError
 from vlmpress.io import atomic_write
-from vlmpress.resources import cache_dir, project_root
+from vlmpress.io.resources import cache_dir, project_root
 
 logger = logging.getLogger(__name__)
 

@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 
 from vlmpress.errors import CheckpointError
 from vlmpress.io import atomic_write
-from vlmpress.resources import cache_dir
+from vlmpress.io.resources import cache_dir
 
 logger = logging.getLogger(__name__)
 
@@ -137,8 +137,8 @@ def openclip_visual_to_hf(visual: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 # ----------------------------------------------------------------------------------------- building
 def _tokenizer(captions: list[str], prompt: str, vocab_size: int):
-    from vlmpress.lm_reference import train_tokenizer
-    from vlmpress.testing_genvlm import CHAT_TEMPLATE
+    from vlmpress.reference.lm import train_tokenizer
+    from vlmpress.adapters.hf_llava import LLAVA15_CHAT_TEMPLATE as CHAT_TEMPLATE
 
     corpus = "\n".join(captions) + f"\nUSER: {prompt} ASSISTANT:\n" + CHAT_TEMPLATE
     tokenizer = train_tokenizer(corpus, vocab_size=vocab_size, model_max_length=512)
@@ -151,7 +151,7 @@ def build_llava(visual: torch.nn.Module, captions: list[str], cfg: GenVLMConfig)
     from transformers import CLIPImageProcessor, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
 
     from vlmpress.adapters.hf_llava import DEFAULT_PROMPT
-    from vlmpress.testing_genvlm import CHAT_TEMPLATE
+    from vlmpress.adapters.hf_llava import LLAVA15_CHAT_TEMPLATE as CHAT_TEMPLATE
 
     vision = hf_vision_config(visual)
     tokenizer = _tokenizer(captions, DEFAULT_PROMPT, cfg.vocab_size)

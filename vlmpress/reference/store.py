@@ -20,9 +20,9 @@ import torch
 from vlmpress.errors import CheckpointError
 from vlmpress.reference.config import get_config, register_model_configs
 from vlmpress.reference.data import data_id, dataset_text
-from vlmpress.reference import train as _training
+from vlmpress.reference.train import TrainResult, train_reference
 from vlmpress.io import atomic_write
-from vlmpress.resources import cache_dir
+from vlmpress.io.resources import cache_dir
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ class ReferenceModel:
         return model, preprocess, open_clip.get_tokenizer(self.model_name)
 
 
-def save_reference(result: _training.TrainResult, directory: str | os.PathLike) -> ReferenceModel:
+def save_reference(result: TrainResult, directory: str | os.PathLike) -> ReferenceModel:
     """Write weights then sidecar (each temp file + ``os.replace``); the sidecar marks completion."""
     from safetensors.torch import save_file
 
@@ -125,7 +125,7 @@ def get_reference(
             logger.warning("cached reference in %s has a different config hash; retraining", directory)
         except CheckpointError:
             pass
-    result = _training.train_reference(config, progress=progress, threads=threads, data_root=data_root)
+    result = train_reference(config, progress=progress, threads=threads, data_root=data_root)
     return save_reference(result, directory)
 
 

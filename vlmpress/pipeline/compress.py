@@ -19,7 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from vlmpress.adapters.base import ModelAdapter, TargetLayer, replace_module, select_targets
-from vlmpress.allocation import (
+from vlmpress.pipeline.rank_plan import (
     LayerPlan,
     ranks_from_ratio,
     ranks_from_tolerances,
@@ -28,7 +28,7 @@ from vlmpress.allocation import (
     tolerance_key,
     tolerances_for_target,
 )
-from vlmpress.config import CompressionConfig, parse_device
+from vlmpress.pipeline.config import CompressionConfig, parse_device
 from vlmpress.core.covariance import CovarianceCollector, gram
 from vlmpress.core.lowrank import LowRankLinear
 from vlmpress.core.rank import break_even_rank, saves_parameters
@@ -41,7 +41,7 @@ from vlmpress.core.solvers import (
     gram_singular_values,
 )
 from vlmpress.errors import CalibrationError, ConfigError
-from vlmpress.report import CompressionReport, LayerReport
+from vlmpress.pipeline.report import CompressionReport, LayerReport
 
 logger = logging.getLogger(__name__)
 
@@ -273,7 +273,7 @@ def plan_ranks(
                 elif config.allocation == "proportion":
                     weights = dict(config.eps_proportion)
                 else:
-                    raise ConfigError("allocation 'auto' is resolved by vlmpress.auto_allocation before planning")
+                    raise ConfigError("allocation 'auto' is resolved by vlmpress.pipeline.auto_allocation.contrastive before planning")
                 tolerances, _ = tolerances_for_target(plans, config.target_reduction, weights, config.rank_multiple)
             else:
                 tolerances = config.group_tolerances()

@@ -22,11 +22,11 @@ import torch
 import torch.nn.functional as F
 
 from vlmpress.adapters.base import VisionLanguageAdapter
-from vlmpress.compress import calibrate, compress, select_layers
-from vlmpress.config import CompressionConfig
+from vlmpress.pipeline.compress import calibrate, compress, select_layers
+from vlmpress.pipeline.config import CompressionConfig
 from vlmpress.data.calibration import CalibrationSet, image_batches
 from vlmpress.errors import ConfigError
-from vlmpress.report import CompressionReport
+from vlmpress.pipeline.report import CompressionReport
 
 logger = logging.getLogger(__name__)
 
@@ -150,12 +150,10 @@ def best_candidate(candidates: list[Candidate]) -> Candidate:
     return min(candidates, key=lambda c: (c.score, abs(math.log(c.proportion))))
 
 
-def auto_compress(
+def auto_compress_contrastive(
     adapter: VisionLanguageAdapter, config: CompressionConfig, calibration: CalibrationSet, **kwargs
 ) -> CompressionReport:
-    """Search the tower split, then compress ``adapter`` in place with the winning tolerances."""
-    if hasattr(adapter, "auto_compress"):  # families with their own proxy (generative VLMs: caption-token KL)
-        return adapter.auto_compress(config, calibration)
+    """Search the tower split on the zero-shot KL proxy, then compress ``adapter`` in place with the winner."""
     state: dict = {}
     result = search_allocation(adapter, config, calibration, _state=state, **kwargs)
     fit, _ = split_calibration(calibration)

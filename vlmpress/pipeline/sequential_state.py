@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 
 from vlmpress.errors import ConfigError
 from vlmpress.io import atomic_write, atomic_write_json
-from vlmpress.report import LayerReport
+from vlmpress.pipeline.report import LayerReport
 
 logger = logging.getLogger(__name__)
 

@@ -30,9 +30,9 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
-from vlmpress.adapters import load_model
-from vlmpress.compress import calibrate, compress, select_layers
-from vlmpress.config import METHOD_LABELS, CompressionConfig
+from vlmpress.pipeline.loading import load_model
+from vlmpress.pipeline.compress import calibrate, compress, select_layers
+from vlmpress.pipeline.config import METHOD_LABELS, CompressionConfig
 from vlmpress.data.calibration import CalibrationSet, build_calibration_set, captions_from_classes
 from vlmpress.errors import ConfigError
 from vlmpress.io import atomic_write_json, atomic_write_text
@@ -300,7 +300,7 @@ def _evaluate(adapter, eval_sets, cfg: SuiteConfig, model_id: str, label: str, d
 
 def run_suite(cfg: SuiteConfig, *, quick: bool = False) -> SuiteResult:
     """Run every row of a suite; results stream to ``<out>/results.jsonl`` as they finish."""
-    from vlmpress.compress import resolve_device
+    from vlmpress.pipeline.compress import resolve_device
     from vlmpress.evaluation.table import build_table
 
     t_start = time.perf_counter()
@@ -337,7 +337,7 @@ def run_suite(cfg: SuiteConfig, *, quick: bool = False) -> SuiteResult:
         variant = copy.deepcopy(base)
         t0 = time.perf_counter()
         if method == "pgsvd" and allocation == "auto":
-            from vlmpress.auto_allocation import auto_compress
+            from vlmpress.pipeline.auto_allocation import auto_compress
 
             report = auto_compress(variant, ccfg, calib)
         else:

@@ -11,13 +11,14 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import os
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from vlmpress.testing.process import fresh_process_env
 
 logger = logging.getLogger(__name__)
 
@@ -27,7 +28,7 @@ CAPTIONS = ("a cat", "a close-up photo of a dog sitting on the grass next to a s
 # Runs in a fresh interpreter: the checkpoint must rebuild the model and its processor by itself.
 _RELOAD_SCRIPT = """\
 import json, sys, torch
-from vlmpress.checkpoint import load_compressed
+from vlmpress.pipeline.checkpoint import load_compressed
 adapter = load_compressed(sys.argv[1])
 pixels = torch.load(sys.argv[2])
 batch = adapter.pair_batch(pixels, json.loads(sys.argv[3]))
@@ -138,16 +139,16 @@ def check_generative_adapter(
     dense by default and the exported spec.
     """
     from vlmpress.adapters.merge import merge_lowrank_layers
-    from vlmpress.checkpoint import export_dense, load_compressed, save_compressed
-    from vlmpress.compress import compress, select_layers
-    from vlmpress.config import CompressionConfig
+    from vlmpress.pipeline.checkpoint import export_dense, load_compressed, save_compressed
+    from vlmpress.pipeline.compress import compress, select_layers
+    from vlmpress.pipeline.config import CompressionConfig
     from vlmpress.core.lowrank import LowRankLinear
-    from vlmpress.testing import _random_images
+    from vlmpress.testing.factories import random_images
 
     tmp = Path(tmp_dir)
     tmp.mkdir(parents=True, exist_ok=True)
     adapter.eval()
-    pixels = adapter.pixel_values(_random_images(len(CAPTIONS)))
+    pixels = adapter.pixel_values(random_images(len(CAPTIONS)))
     batch = adapter.pair_batch(pixels, list(CAPTIONS))
     assert not batch["attention_mask"].bool().all(), (
         f"{adapter.family}: the conformance captions tokenise to equal lengths; the padding check needs a padded batch"
@@ -183,9 +184,7 @@ def check_generative_adapter(
     ckpt = save_compressed(adapter, tmp / "ckpt", report, overwrite=True)
     if fresh_process:
         torch.save(pixels, tmp / "pixels.pt")
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-            p for p in (str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH")) if p
-        ))
+        env = fresh_process_env()
         done = subprocess.run(
             [sys.executable, "-c", _RELOAD_SCRIPT, str(ckpt), str(tmp / "pixels.pt"), json.dumps(list(CAPTIONS)),
              str(tmp / "out.pt")],

@@ -10,13 +10,7 @@ from pathlib import Path
 
 import torch
 
-#: a LLaVA-1.5-style chat template ("USER: <image>\\n{prompt} ASSISTANT:")
-CHAT_TEMPLATE = (
-    "{% for message in messages %}{{ message['role'].upper() }}: "
-    "{% for part in message['content'] %}{% if part['type'] == 'image' %}<image>\n{% else %}{{ part['text'] }}{% endif %}"
-    "{% endfor %}{% if not loop.last %}\n{% endif %}{% endfor %}"
-    "{% if add_generation_prompt %} ASSISTANT:{% endif %}"
-)
+from vlmpress.adapters.hf_llava import LLAVA15_CHAT_TEMPLATE as CHAT_TEMPLATE  # noqa: F401  (re-exported)
 
 _CAPTION_TEXT = (
     "a photo of a cat. a photo of a dog. a bad photo of the bird. a close-up photo of a car. "
@@ -26,7 +20,7 @@ _CAPTION_TEXT = (
 
 def tiny_vlm_tokenizer(corpus: str = "", vocab_size: int = 320, model_max_length: int = 256):
     """Byte-level BPE (trained offline on a small text) with ``<image>`` as an added special token."""
-    from vlmpress.lm_reference import TINY_TEXT, train_tokenizer
+    from vlmpress.reference.lm import TINY_TEXT, train_tokenizer
 
     tokenizer = train_tokenizer(TINY_TEXT + _CAPTION_TEXT + corpus, vocab_size=vocab_size, model_max_length=model_max_length)
     tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
@@ -130,7 +124,7 @@ def save_tiny_paligemma(directory: str | Path, seed: int = 0, *, image_size: int
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    from vlmpress.lm_reference import TINY_TEXT, train_tokenizer
+    from vlmpress.reference.lm import TINY_TEXT, train_tokenizer
 
     tokenizer = train_tokenizer(TINY_TEXT + _CAPTION_TEXT, vocab_size=320, model_max_length=256)
     n_tokens = (image_size // patch_size) ** 2

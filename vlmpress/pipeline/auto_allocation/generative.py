@@ -1,6 +1,6 @@
 """``allocation: auto`` for generative VLMs: split a target reduction between vision tower and LM.
 
-As for CLIP (:mod:`vlmpress.auto_allocation`), the calibration pairs are divided into a *fit* part
+As for CLIP (:mod:`vlmpress.pipeline.auto_allocation.contrastive`), the calibration pairs are divided into a *fit* part
 (covariances) and a *held-out* part (scoring), and candidate proportions rho = eps_v / eps_t are
 each solved to the target reduction by bisection and applied to a copy of the model. The proxy
 differs: a generative model is scored by how far its **next-token distributions on the held-out
@@ -17,7 +17,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from vlmpress.auto_allocation import (
+from vlmpress.pipeline.auto_allocation.contrastive import (
     DEFAULT_PROPORTIONS,
     HELD_OUT_FRACTION,
     AutoAllocationResult,
@@ -25,10 +25,10 @@ from vlmpress.auto_allocation import (
     compress_with_winner,
     score_proportions,
 )
-from vlmpress.compress import calibrate, select_layers
-from vlmpress.config import CompressionConfig
+from vlmpress.pipeline.compress import calibrate, select_layers
+from vlmpress.pipeline.config import CompressionConfig
 from vlmpress.errors import ConfigError
-from vlmpress.report import CompressionReport
+from vlmpress.pipeline.report import CompressionReport
 
 logger = logging.getLogger(__name__)
 

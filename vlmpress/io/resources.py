@@ -12,7 +12,7 @@ from pathlib import Path
 
 from vlmpress.errors import VlmpressError
 
-_PACKAGE_DIR = Path(__file__).resolve().parent
+_PACKAGE_DIR = Path(__file__).resolve().parents[1]  # vlmpress/ (this file is vlmpress/io/resources.py)
 
 
 def project_root() -> Path:

@@ -10,7 +10,7 @@ Whole-model mode holds every target's covariance at once (for Llama-7B about 40 
    kwargs: attention mask, position ids / rotary embeddings, Qwen2's per-layer sliding masks).
 3. **Per block**: accumulate only that block's covariances, factorise its layers with the same
    solvers, rank plan, :class:`~vlmpress.core.lowrank.LowRankLinear` and report rows as
-   :func:`vlmpress.compress.compress`, then feed the next block the *original* or the *compressed*
+   :func:`vlmpress.pipeline.compress.compress`, then feed the next block the *original* or the *compressed*
    block's outputs (``config.propagate``). With ``original`` the covariances equal whole-mode's
    exactly (same batches, same ops).
 
@@ -41,8 +41,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from vlmpress.adapters.base import ModelAdapter, TargetLayer
-from vlmpress.allocation import reduction_of, tolerance_key
-from vlmpress.compress import (
+from vlmpress.pipeline.rank_plan import reduction_of, tolerance_key
+from vlmpress.pipeline.compress import (
     SVD_CACHE_BYTES,
     count_parameters,
     dense_layer_report,
@@ -55,11 +55,11 @@ from vlmpress.compress import (
     resolve_device,
     select_layers,
 )
-from vlmpress.config import CompressionConfig
+from vlmpress.pipeline.config import CompressionConfig
 from vlmpress.core.covariance import CovarianceCollector
 from vlmpress.core.rank import saves_parameters
 from vlmpress.errors import CalibrationError, ConfigError
-from vlmpress.report import CompressionReport, LayerReport
+from vlmpress.pipeline.report import CompressionReport, LayerReport
 
 logger = logging.getLogger(__name__)
 
@@ -350,7 +350,7 @@ def compress_sequential(
     ``covariance_sink`` (diagnostics/tests) receives a copy of every factorised layer's covariance.
     With ``state_dir``, every finished block (factors + report rows) is persisted there atomically;
     ``resume=True`` reloads the finished blocks and continues with the next one, giving the same
-    result as an uninterrupted run (see :mod:`vlmpress.sequential_state`).
+    result as an uninterrupted run (see :mod:`vlmpress.pipeline.sequential_state`).
     """
     config.validate()
     if not hasattr(adapter, "decoder_blocks"):
@@ -365,7 +365,7 @@ def compress_sequential(
     plans = {layer.name: layer_plan(layer) for layer in layers}
     state = None
     if state_dir is not None:
-        from vlmpress.sequential_state import SequentialState
+        from vlmpress.pipeline.sequential_state import SequentialState
 
         state = SequentialState.open(state_dir, adapter.spec, config.to_dict(), len(blocks), resume=resume)
     done = set(state.done_blocks()) if state is not None else set()

@@ -31,7 +31,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_model
 
-from vlmpress.adapters import adapter_origin, get_adapter_class
+from vlmpress.adapters.registry import adapter_origin, get_adapter_class
 from vlmpress.adapters.base import ModelAdapter, replace_module, weight_matrix
 from vlmpress.core.lowrank import LowRankLinear
 from vlmpress.errors import CheckpointError, ConfigError, UnknownModelSpecError

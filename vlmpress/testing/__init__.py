@@ -1,0 +1,49 @@
+"""Public test kit for vlmpress and for adapter authors.
+
+* :mod:`~vlmpress.testing.factories` -- tiny, offline, randomly initialised models of every built-in
+  family, loaded through the same spec strings users pass (``open_clip:...``, ``hf:DIR``);
+* :mod:`~vlmpress.testing.genvlm` -- tiny generative VLMs (LLaVA, PaliGemma) and image folders;
+* :mod:`~vlmpress.testing.conformance` -- :func:`check_adapter`, the six checks an adapter must pass
+  (dispatching generative VLMs to :mod:`~vlmpress.testing.conformance_genvlm`).
+
+The top of the import graph next to :mod:`vlmpress.commands`: it may import every other package,
+and nothing in the library imports it.
+"""
+
+from vlmpress.testing.conformance import check_adapter
+from vlmpress.testing.factories import (
+    TINY_OPEN_CLIP_SPEC,
+    lowrank_by_svd,
+    random_images,
+    save_tiny_hf_clip,
+    save_tiny_hf_dual_encoder,
+    save_tiny_hf_siglip,
+    tiny_clip_tokenizer,
+    tiny_hf_clip,
+    tiny_hf_dual_encoder,
+    tiny_hf_siglip,
+    tiny_open_clip,
+    tiny_open_clip_from_cfg,
+    tiny_open_clip_hf_text,
+    tiny_open_clip_resnet,
+    tiny_open_clip_timm,
+)
+
+__all__ = [
+    "TINY_OPEN_CLIP_SPEC",
+    "check_adapter",
+    "lowrank_by_svd",
+    "random_images",
+    "save_tiny_hf_clip",
+    "save_tiny_hf_dual_encoder",
+    "save_tiny_hf_siglip",
+    "tiny_clip_tokenizer",
+    "tiny_hf_clip",
+    "tiny_hf_dual_encoder",
+    "tiny_hf_siglip",
+    "tiny_open_clip",
+    "tiny_open_clip_from_cfg",
+    "tiny_open_clip_hf_text",
+    "tiny_open_clip_resnet",
+    "tiny_open_clip_timm",
+]
