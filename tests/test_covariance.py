@@ -94,9 +94,36 @@ def test_mask_excludes_positions_batch_and_sequence_first():
         with cov.mask(valid):
             lin(x.transpose(0, 1).contiguous())
     torch.testing.assert_close(cov.covariance("lin"), kept.T @ kept)
+    bad = torch.ones(3, 3, dtype=torch.bool)
+    bad[0, 0] = False
     with CovarianceCollector({"lin": lin}) as cov:
-        with cov.mask(torch.ones(3, 3, dtype=torch.bool)), pytest.raises(CalibrationError, match="mask"):
+        with cov.mask(bad), pytest.raises(CalibrationError, match="mask"):
             lin(x)
+    # an all-true mask keeps every row whatever the layout (ProphetNet's n-gram streams: (batch, 3 * seq))
+    with CovarianceCollector({"lin": lin}, accumulate_dtype="float64") as cov:
+        with cov.mask(torch.ones(3, 3, dtype=torch.bool)):
+            lin(x)
+    flat = x.reshape(-1, 4).double()
+    torch.testing.assert_close(cov.covariance("lin"), flat.T @ flat)
+
+
+def test_mask_follows_singleton_axes_and_per_token_groups():
+    torch.manual_seed(3)
+    lin = nn.Linear(4, 3)
+    x = torch.randn(2, 5, 4)
+    valid = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
+    kept = x[valid].double()
+    with CovarianceCollector({"lin": lin}, accumulate_dtype="float64") as cov:  # MLA latent: (batch, 1, seq, dim)
+        with cov.mask(valid):
+            lin(x[:, None])
+    torch.testing.assert_close(cov.covariance("lin"), kept.T @ kept)
+    groups = torch.randn(2, 5, 3, 4)  # (batch, seq, groups, dim): every group of a real token counts
+    with CovarianceCollector({"lin": lin}, accumulate_dtype="float64") as cov:
+        with cov.mask(valid):
+            lin(groups)
+    rows = groups[valid].reshape(-1, 4).double()
+    torch.testing.assert_close(cov.covariance("lin"), rows.T @ rows)
+    assert cov.token_count("lin") == 8 * 3
 
 
 def test_missing_layer_is_named():

@@ -30,18 +30,27 @@ from vlmpress.adapters.registry import (
 )
 
 
-def __getattr__(name: str):
-    # the public dual-encoder base, imported on first use (it needs torch/transformers helpers only)
-    if name == "HFDualEncoderAdapter":
-        from vlmpress.adapters.hf_dual_encoder import HFDualEncoderAdapter
+#: the public transformers bases, imported on first use (they need torch/transformers helpers only)
+_LAZY_BASES = {
+    "HFDualEncoderAdapter": "vlmpress.adapters.hf_dual_encoder",
+    "HFCausalLMAdapter": "vlmpress.adapters.hf_causal_lm",
+    "HFGenerativeVLMAdapter": "vlmpress.adapters.hf_llava",
+}
 
-        return HFDualEncoderAdapter
+
+def __getattr__(name: str):
+    if name in _LAZY_BASES:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY_BASES[name]), name)
     raise AttributeError(name)
 
 
 __all__ = [
     "ENTRY_POINT_GROUP",
+    "HFCausalLMAdapter",
     "HFDualEncoderAdapter",
+    "HFGenerativeVLMAdapter",
     "ModelAdapter",
     "TargetLayer",
     "VisionLanguageAdapter",

@@ -114,6 +114,7 @@ class CovarianceCollector:
         self._last_input: torch.Tensor | None = None
         self._last_owner: str | None = None
         self._mask: torch.Tensor | None = None
+        self._mask_all = False  # the current mask keeps every position
         self._handles: list = []
         self._released: set[str] = set()
 
@@ -153,12 +154,13 @@ class CovarianceCollector:
         ``valid`` is a bool tensor matching the input's leading dims, e.g. (batch, seq); a
         sequence-first layer's (seq, batch) layout is recognised and transposed.
         """
-        previous = self._mask
+        previous = self._mask, self._mask_all
         self._mask = None if valid is None else valid.to(torch.bool)
+        self._mask_all = self._mask is not None and bool(self._mask.all())
         try:
             yield
         finally:
-            self._mask = previous
+            self._mask, self._mask_all = previous
 
     def _make_hook(self, name: str) -> Callable:
         def hook(module: nn.Module, args: tuple) -> None:
@@ -174,9 +176,16 @@ class CovarianceCollector:
         if self._mask is None:
             return flat
         lead = tuple(x.shape[:-1])
+        if self._mask_all:  # every position is real: nothing to select, whatever the layout
+            return flat
         mask = self._mask.to(x.device)
+        squeezed = tuple(d for d in lead if d != 1)
         if tuple(mask.shape) == lead:
             keep = mask.reshape(-1)
+        elif mask.dim() == 2 and 1 not in mask.shape and squeezed == tuple(mask.shape):
+            keep = mask.reshape(-1)  # singleton axes inserted (MLA's (batch, 1, seq) latent): same row-major order
+        elif mask.dim() == 2 and lead[:2] == tuple(mask.shape):
+            keep = mask.reshape(*mask.shape, *([1] * (len(lead) - 2))).expand(lead).reshape(-1)  # per-token groups
         elif mask.dim() == 2 and tuple(mask.mT.shape) == lead:
             keep = mask.mT.reshape(-1)
         elif len(lead) == 1 and mask.numel() == lead[0]:  # tokens flattened row-major (OPT's MLP: (b*s, d))
