@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 
 import pytest
@@ -54,12 +55,15 @@ def test_committed_table_meets_the_bar():
 
 @pytest.mark.slow
 def test_full_census_reproduces_the_committed_statuses(tmp_path):
-    """Every family of the committed table (~3 min on 2 cores): no ok family may regress."""
+    """No ok family of the committed table may regress. Every fourth ok family by default (~45 s on
+    2 cores); all of them (~3 min) with VLMPRESS_FULL_ZOO=1 or through scripts/zoo_table.py --causal-lm."""
     data = json.loads(TABLE.read_text())
+    ok = [r for r in data["rows"] if r["status"] == "ok"]
+    if os.environ.get("VLMPRESS_FULL_ZOO") != "1":
+        ok = ok[::4]
     regressed = []
-    for r in data["rows"]:
-        if r["status"] == "ok":
-            row = census_family(r["family"], tmp_path / r["family"])
-            if row.status != "ok":
-                regressed.append((r["family"], row.stage, row.reason))
+    for r in ok:
+        row = census_family(r["family"], tmp_path / r["family"])
+        if row.status != "ok":
+            regressed.append((r["family"], row.stage, row.reason))
     assert not regressed, regressed

@@ -9,7 +9,8 @@ A family is **ok** only when all of this passes on its tiny model (:mod:`vlmpres
 3. ``save_compressed`` -> ``load_compressed``: logits equal to the compressed model's;
 4. ``export_dense`` -> stock ``AutoModelForCausalLM.from_pretrained``: logits equal up to float
    rounding (``ATOL``);
-5. sequential mode (one block at a time) on a fresh copy gives the whole mode's ranks.
+5. sequential mode (one block at a time, progress saved per block) on a fresh copy gives the whole
+   mode's ranks, and resuming it from its saved state gives the same model.
 
 Rows record the decoder blocks found, the kinds of their linears, the share of the decoder's
 parameters that are targets, fused expert parameters and expert counts, the stage that failed and
@@ -221,9 +222,16 @@ def _run(row: CensusRow, family: str, work: Path, sequential: bool, stage) -> No
         stage("sequential")
         from vlmpress.pipeline.sequential import compress_sequential
 
-        seq = compress_sequential(HFCausalLMAdapter.load(spec), cfg, calib)
+        first = HFCausalLMAdapter.load(spec)
+        seq = compress_sequential(first, cfg, calib, state_dir=work / "state")
         if seq.rank_map != report.rank_map:
             raise RuntimeError("sequential mode planned other ranks than whole mode")
+        stage("resume")
+        resumed = HFCausalLMAdapter.load(spec)
+        again = compress_sequential(resumed, cfg, calib, state_dir=work / "state", resume=True)
+        diff = (_logits(resumed.model, ids) - _logits(first.model, ids)).abs().max().item()
+        if again.rank_map != seq.rank_map or diff > ATOL:
+            raise RuntimeError(f"resuming a finished sequential run changes the model (logits by {diff:.2e})")
 
 
 
@@ -258,7 +266,7 @@ def markdown(rows: list[dict], meta: dict) -> str:
         "Each family's default config is shrunk (`vlmpress/census/tiny_configs.py`) and its random tiny model goes",
         f"through a real round trip: PGSVD at eps={EPS} on {WINDOWS} windows of {SEQ_LEN} random token ids -> forward ->",
         "`save_compressed` -> `load_compressed` (same logits) -> `export_dense` -> stock `from_pretrained` (logits within",
-        f"{ATOL:g} relative) -> sequential mode (same ranks). **ok** means all of it passed. *share* = targeted share of the",
+        f"{ATOL:g} relative) -> sequential mode (same ranks) -> resume from its saved state (same logits). **ok** means all of it passed. *share* = targeted share of the",
         "decoder blocks' parameters (fused 3-D expert tensors are not linear layers: they are counted, not targeted).",
         "",
         f"**{s['ok']} of {s['built']} families that build offline are ok ({100 * s['ok_share']:.1f} %)**; "
