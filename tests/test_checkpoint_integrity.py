@@ -84,11 +84,12 @@ def test_stale_temporaries_of_dead_processes_are_cleaned(tmp_path):
     assert not stale.exists() and not legacy.exists() and live.exists() and neighbour.exists()
 
 
-def _save_forever(out: str, seed: int) -> None:  # runs in a forked child until killed
+def _save_forever(out: str, seed: int, ready) -> None:  # runs in a forked child until killed
     own_progress_lock()
     torch.set_num_threads(1)
     ratios = [0.3, 0.5, 0.7]
     models = [_compressed(seed, r) for r in ratios]
+    ready.set()  # the kill clock starts at the first save, however long building the models took
     i = 0
     while True:
         adapter, report = models[i % len(models)]
@@ -111,8 +112,10 @@ def test_kill_during_save_never_loses_the_checkpoint(tmp_path):
     ctx = multiprocessing.get_context("fork")
     seen_ratios, kills = set(), 25
     for _ in range(kills):
-        child = ctx.Process(target=_save_forever, args=(str(out), 5))
+        ready = ctx.Event()
+        child = ctx.Process(target=_save_forever, args=(str(out), 5, ready))
         child.start()
+        assert ready.wait(120), "the saving process never got ready"
         time.sleep(rng.uniform(0.05, 0.6))
         os.kill(child.pid, signal.SIGKILL)
         child.join()
