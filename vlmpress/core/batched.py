@@ -264,12 +264,12 @@ def _als(problem: _BatchProblem, idx, ranks, totals, vecs, fixed, iters, tol, ma
         iters=iters if fixed else None, tol=tol, max_iters=max_iters, exact_finish=exact_finish,
     )
     seconds = (time.perf_counter() - t0) / len(results)
-    for run, i in zip(runs, idx):
+    for p, (run, i) in enumerate(zip(runs, idx)):
         info = dict(mode="fixed" if fixed else "tolerance", iters=run.iters, best_iter=run.best_iter,
                     converged=run.converged, batch=len(results))
         if run.finish:
             info["finish"] = run.finish
         results[i] = problem.finish(
             i, ranks[i], run.Q[:, : ranks[i]], run.sq_error, totals[i], "als", seconds, balance,
-            history=run.history, Q0=Q0[idx.index(i)], **info,
+            history=run.history, Q0=Q0[p], **info,
         )
