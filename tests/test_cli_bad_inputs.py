@@ -182,6 +182,12 @@ def _toy_spec_cfg(cfg):
 
 def _nonlinear_rank(cfg):
     cfg["ranks"]["visual.blocks"] = 2
+    cfg["layer_shapes"]["visual.blocks"] = [24, 24]
+
+
+def _unknown_layer_rank(cfg):
+    cfg["ranks"] = {"no.such.layer": 2}
+    cfg["layer_shapes"] = {"no.such.layer": [8, 8]}
 
 
 CASES = [
@@ -258,16 +264,19 @@ CASES = [
     Case("ckpt-rank-bool", lambda e: e.eval_clip(e.corrupt(e.toy_checkpoint(), _first_rank(True))), "ranks are positive integers"),
     Case("ckpt-rank-too-large", lambda e: e.eval_clip(e.corrupt(e.toy_checkpoint(), _first_rank(10_000))), "exceeds its shape"),
     Case("ckpt-rank-non-linear", lambda e: e.eval_clip(e.corrupt(e.toy_checkpoint(), _nonlinear_rank)), "ranks apply to linear layers only"),
-    Case("ckpt-rank-unknown-layer", lambda e: e.eval_clip(e.corrupt(e.toy_checkpoint(), _set("ranks", {"no.such.layer": 2}))),
+    Case("ckpt-rank-unknown-layer", lambda e: e.eval_clip(e.corrupt(e.toy_checkpoint(), _unknown_layer_rank)),
          "does not have"),
     Case("ckpt-family-list", lambda e: e.eval_clip(e.corrupt(e.toy_checkpoint(), _set("family", ["toy"]))), "'family' must be a non-empty string"),
     Case("ckpt-family-unknown", lambda e: e.eval_clip(e.corrupt(e.toy_checkpoint(), _set("family", "nosuch"))), "unknown adapter family"),
     Case("ckpt-spec-config-list", lambda e: e.eval_clip(e.corrupt(e.toy_checkpoint(), _set("spec_config", []))), "'spec_config' must be a mapping"),
     Case("ckpt-toy-spec-config-bad", lambda e: e.eval_clip(e.corrupt(e.toy_checkpoint(), _toy_spec_cfg)), "does not describe a buildable"),
     Case("ckpt-model-cfg-bad", lambda e: e.eval_clip(e.corrupt(e.clip_checkpoint(), _spec_cfg({"embed_dim": "x", "vision_cfg": 5}))),
+         "'spec_config' is refused: 'model_cfg.vision_cfg' must be a mapping"),
+    Case("ckpt-model-cfg-types", lambda e: e.eval_clip(e.corrupt(e.clip_checkpoint(), _spec_cfg({"embed_dim": "x", "vision_cfg": {},
+                                                                                                  "text_cfg": {}}))),
          "does not describe a buildable"),
     Case("ckpt-model-cfg-string", lambda e: e.eval_clip(e.corrupt(e.clip_checkpoint(), _spec_cfg("nonsense"))),
-         "does not describe a buildable"),
+         "'model_cfg' must be a mapping"),
     Case("ckpt-config-not-object", lambda e: e.eval_clip(e.corrupt(e.toy_checkpoint(), lambda c: c.clear())), "is incomplete"),
     Case("ckpt-hash-bad", lambda e: e.eval_clip(e.corrupt(e.toy_checkpoint(), _set("file_sha256", {"model.safetensors": "0" * 63}))),
          "'file_sha256' has an invalid entry"),

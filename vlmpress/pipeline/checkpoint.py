@@ -7,10 +7,13 @@ the path holds either the old or the new complete checkpoint. Temporary director
 saves (named after their process id) are removed by the next save to the same path.
 
 ``vlmpress_config.json`` records the SHA-256 of every file written before it (the weights,
-preprocessing files); ``load_compressed`` verifies them (``verify=False`` skips this for huge
-files), validates the config against a schema (types and ranges), rebuilds the architecture from
-the saved spec config (no pretrained download), swaps in ``LowRankLinear`` per the rank map, loads
-the tensors with ``strict=True`` and checks every shape.
+preprocessing files, sub-folders included); ``load_compressed`` treats the checkpoint as data only
+(:mod:`vlmpress.pipeline.checkpoint_guard`): the config is parsed strictly and validated against a
+schema (types, ranges, no key that could switch on code), the family's spec config against the
+adapter's allow-list, the listed files are verified and copied to a private directory from which
+alone tokenizers and processors are read, the weights' header is checked (duplicate names), and
+every tensor's shape and dtype must match the architecture rebuilt from the config (no pretrained
+download). ``verify=False`` skips the hash comparison (not the other checks) for huge files.
 """
 
 from __future__ import annotations
@@ -36,12 +39,23 @@ from vlmpress.adapters.base import ModelAdapter, replace_module, weight_matrix
 from vlmpress.core.lowrank import LowRankLinear
 from vlmpress.errors import CheckpointError, ConfigError, UnknownModelSpecError
 from vlmpress.io import atomic_write_json, library_versions
+from vlmpress.io.strict import read_json_strict, read_safetensors_header
+from vlmpress.pipeline.checkpoint_guard import (
+    check_tree,
+    hash_list_problem,
+    refuse_code_switches,
+    remove_staging,
+    stage_files,
+    verify_file,
+)
 
 logger = logging.getLogger(__name__)
 
 CONFIG_NAME = "vlmpress_config.json"
 WEIGHTS_NAME = "model.safetensors"
-FORMAT_VERSION = 1
+#: 2: ``file_sha256`` lists files in sub-folders too (``tokenizer/...``); 1 (vlmpress 0.1.0): top-level
+#: files only. Both require the hash list with the weights' entry and ``layer_shapes`` (0.1.0 wrote them).
+FORMAT_VERSION = 2
 
 
 def _is_int(value: Any) -> bool:
@@ -69,12 +83,7 @@ def _check_shapes(value: Any) -> str | None:
 
 
 def _check_hashes(value: Any) -> str | None:
-    if not isinstance(value, dict) or not value:
-        return "must map file names to SHA-256 hex digests"
-    for name, digest in value.items():
-        if not isinstance(name, str) or "/" in name or name.startswith(".") or not isinstance(digest, str) or not re.fullmatch(r"[0-9a-f]{64}", digest):
-            return f"has an invalid entry {name!r}: {digest!r} (expected file name -> 64 hex digits)"
-    return None
+    return hash_list_problem(value, subfolders=True)
 
 
 def _check_dense_layers(value: Any) -> str | None:
@@ -104,9 +113,9 @@ CONFIG_SCHEMA: dict[str, tuple[bool, Any]] = {
     "spec_config": (True, _check_dict),
     "ranks": (True, _check_ranks),
     "model_spec": (False, _check_str),
-    "layer_shapes": (False, _check_shapes),
+    "layer_shapes": (True, _check_shapes),
     "dense_layers": (False, _check_dense_layers),
-    "file_sha256": (False, _check_hashes),
+    "file_sha256": (True, _check_hashes),
     "adapter_origin": (False, _check_str),
 }
 
@@ -128,10 +137,19 @@ def validate_checkpoint_config(config: Any, path: str | Path = CONFIG_NAME) -> d
             f"{path} was written by a newer vlmpress (format {config['format_version']}, this one reads "
             f"<= {FORMAT_VERSION}); upgrade vlmpress to load it"
         )
-    shapes = config.get("layer_shapes") or {}
+    if config["format_version"] < 2:  # 0.1.0 listed top-level files only
+        problem = hash_list_problem(config["file_sha256"], subfolders=False)
+        if problem:
+            raise CheckpointError(f"{path} is invalid: 'file_sha256' {problem} (format 1 lists top-level files only)")
+    if WEIGHTS_NAME not in config["file_sha256"]:
+        raise CheckpointError(f"{path} is invalid: 'file_sha256' has no entry for {WEIGHTS_NAME}; the weights must be hash-listed")
+    shapes = config["layer_shapes"]
     for name, rank in config["ranks"].items():
-        if name in shapes and rank > min(shapes[name]):
+        if name not in shapes:
+            raise CheckpointError(f"{path} is invalid: layer '{name}' has a rank but no entry in 'layer_shapes'")
+        if rank > min(shapes[name]):
             raise CheckpointError(f"{path} is invalid: rank {rank} of layer '{name}' exceeds its shape {shapes[name]}")
+    refuse_code_switches(config, str(path))
     return config
 
 
@@ -139,10 +157,7 @@ def read_checkpoint_config(directory: str | Path) -> dict[str, Any]:
     path = Path(directory) / CONFIG_NAME
     if not path.is_file():
         raise CheckpointError(f"{directory} is not a vlmpress checkpoint: {CONFIG_NAME} is missing")
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise CheckpointError(f"{path} is corrupt (not valid JSON: {err})") from None
+    config = read_json_strict(path, "checkpoint config", CheckpointError, max_bytes=64 << 20, allow_nan=True)
     return validate_checkpoint_config(config, path)
 
 
@@ -156,19 +171,17 @@ def file_sha256(path: str | Path, chunk: int = 1 << 22) -> str:
 
 def verify_checkpoint_files(directory: Path, config: dict[str, Any]) -> None:
     """Compare every recorded file hash with the file on disk (corruption, truncation, edits)."""
-    hashes = config.get("file_sha256")
-    if not hashes:
-        logger.warning("%s records no file hashes (written by an older vlmpress): integrity not verified", directory)
-        return
-    for name, expected in hashes.items():
-        path = directory / name
-        if not path.is_file():
-            raise CheckpointError(f"{directory} is incomplete: {name} (recorded in {CONFIG_NAME}) is missing")
-        if file_sha256(path) != expected:
-            raise CheckpointError(
-                f"{path} does not match the SHA-256 recorded in {CONFIG_NAME}: the file is corrupt or was modified "
-                "(restore it, or load with verify=False / --no-verify to skip the check)"
-            )
+    check_tree(Path(directory))
+    for name, expected in config["file_sha256"].items():
+        verify_file(Path(directory), name, expected)
+
+
+def _listed_files(directory: Path) -> list[Path]:
+    """Every non-hidden regular file under ``directory`` (sub-folders included), sorted."""
+    return sorted(
+        p for p in directory.rglob("*")
+        if p.is_file() and not p.is_symlink() and not any(part.startswith(".") for part in p.relative_to(directory).parts)
+    )
 
 
 def _probe_writable(out: Path) -> None:
@@ -325,7 +338,7 @@ def save_compressed(
         save_model(adapter.model, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "producer": "vlmpress"})
         if hasattr(adapter, "save_preprocessing"):
             adapter.save_preprocessing(tmp)
-        hashes = {p.name: file_sha256(p) for p in sorted(tmp.iterdir()) if p.is_file() and not p.name.startswith(".")}
+        hashes = {p.relative_to(tmp).as_posix(): file_sha256(p) for p in _listed_files(tmp)}
         config = {
             "format_version": FORMAT_VERSION,
             "model_spec": adapter.spec,
@@ -416,52 +429,80 @@ def _quiet_build(cls, spec_config: dict, directory: Path) -> ModelAdapter:
             hf_logging.set_verbosity(hf_verbosity)
 
 
-def load_compressed(directory: str | Path, *, device: str | torch.device = "cpu", verify: bool = True) -> ModelAdapter:
-    """Rebuild a compressed model saved by :func:`save_compressed` (no download needed).
+def _check_tensors(state: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], weights: Path) -> None:
+    """Every tensor: the architecture's shape, a floating dtype where the model holds floats (an
+    int/bool tensor would be cast silently), the exact dtype elsewhere, and finite values."""
+    for key, tensor in state.items():
+        want = expected[key]
+        if tuple(tensor.shape) != tuple(want.shape):
+            raise CheckpointError(
+                f"tensor '{key}' has shape {tuple(tensor.shape)} in {weights} but {tuple(want.shape)} "
+                "in the architecture described by the config (mismatched or corrupt checkpoint)"
+            )
+        if tensor.is_floating_point() != want.is_floating_point() or (not want.is_floating_point() and tensor.dtype != want.dtype):
+            raise CheckpointError(
+                f"tensor '{key}' is {str(tensor.dtype).removeprefix('torch.')} in {weights} but the architecture holds "
+                f"{str(want.dtype).removeprefix('torch.')} there (mismatched or corrupt checkpoint)"
+            )
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise CheckpointError(f"tensor '{key}' in {weights} holds NaN/inf values (corrupt checkpoint)")
 
-    ``verify`` checks the SHA-256 of the weights and preprocessing files against the config
-    (reads every byte once; pass False to skip it for very large checkpoints).
-    """
-    directory = Path(directory).expanduser()
-    config = read_checkpoint_config(directory)
-    weights = directory / WEIGHTS_NAME
-    if not weights.is_file():
-        raise CheckpointError(f"{directory} is missing {WEIGHTS_NAME}")
-    if verify:
-        verify_checkpoint_files(directory, config)
+
+def _adapter_class(directory: Path, config: dict[str, Any]):
     try:
-        cls = get_adapter_class(config["family"])
+        return get_adapter_class(config["family"])
     except UnknownModelSpecError as err:
         origin = str(config.get("adapter_origin", ""))
         package = f" It was written with the adapter package '{origin[7:]}': install it." if origin.startswith("plugin:") else ""
         raise CheckpointError(f"{directory} needs adapter family '{config['family']}', which is not installed.{package} {err}") from None
-    adapter = _quiet_build(cls, config["spec_config"], directory)
+
+
+def load_compressed(directory: str | Path, *, device: str | torch.device = "cpu", verify: bool = True) -> ModelAdapter:
+    """Rebuild a compressed model saved by :func:`save_compressed` (no download, no code from the checkpoint).
+
+    ``verify`` checks the SHA-256 of the weights and preprocessing files against the config
+    (reads every byte once; pass False to skip the comparison for very large checkpoints -- the
+    schema, allow-lists, header and tensor checks still run).
+    """
+    directory = Path(directory).expanduser()
+    config = read_checkpoint_config(directory)
+    check_tree(directory)
+    cls = _adapter_class(directory, config)
+    spec_problem = cls.spec_config_problem(config["spec_config"])
+    if spec_problem:
+        raise CheckpointError(f"{directory / CONFIG_NAME}: 'spec_config' is refused: {spec_problem}")
+    hashes = config["file_sha256"]
+    weights = directory / WEIGHTS_NAME
+    if verify:
+        verify_file(directory, WEIGHTS_NAME, hashes[WEIGHTS_NAME])
+    elif not weights.is_file():
+        raise CheckpointError(f"{directory} is missing {WEIGHTS_NAME}")
+    header = read_safetensors_header(weights, CheckpointError)  # duplicate names, offsets: before the library parses it
+    staging = Path(tempfile.mkdtemp(prefix="vlmpress-checkpoint-files-"))
+    try:
+        stage_files(directory, hashes, staging, skip={WEIGHTS_NAME}, verify=verify)
+        adapter = _quiet_build(cls, config["spec_config"], staging)
+    finally:
+        remove_staging(staging)
     adapter.spec = config.get("model_spec", adapter.spec)
     adapter.prepare_for_compression()
-    apply_rank_map(adapter, config["ranks"], config.get("layer_shapes"))
-    try:
-        state = load_file(str(weights))
-    except (SafetensorError, OSError, ValueError) as err:
-        raise CheckpointError(f"{weights} is corrupt or unreadable: {err}") from None
+    apply_rank_map(adapter, config["ranks"], config["layer_shapes"])
     expected = adapter.model.state_dict()
-    missing = sorted(set(expected) - set(state))
+    missing = sorted(set(expected) - set(header))
     # tied weights are stored once by safetensors.save_model; only complain about real gaps
-    shared = {k for k in missing if any(expected[k].data_ptr() == expected[o].data_ptr() for o in state if o in expected)}
+    shared = {k for k in missing if any(expected[k].data_ptr() == expected[o].data_ptr() for o in header if o in expected)}
     missing = [k for k in missing if k not in shared]
-    unexpected = sorted(set(state) - set(expected))
+    unexpected = sorted(set(header) - set(expected))
     if missing or unexpected:
         raise CheckpointError(
             f"{weights} does not match the architecture in {CONFIG_NAME}: "
             f"{len(missing)} missing tensors (e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]})"
         )
-    for key, tensor in state.items():
-        if tuple(tensor.shape) != tuple(expected[key].shape):
-            raise CheckpointError(
-                f"tensor '{key}' has shape {tuple(tensor.shape)} in {weights} but {tuple(expected[key].shape)} "
-                "in the architecture described by the config (mismatched or corrupt checkpoint)"
-            )
-        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-            raise CheckpointError(f"tensor '{key}' in {weights} holds NaN/inf values (corrupt checkpoint)")
+    try:
+        state = load_file(str(weights))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise CheckpointError(f"{weights} is corrupt or unreadable: {err}") from None
+    _check_tensors(state, expected, weights)
     adapter.model.load_state_dict(state, strict=not shared)
     adapter.model.to(device)
     adapter.model.eval()
