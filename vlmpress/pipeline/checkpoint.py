@@ -3,8 +3,11 @@
 ``save_compressed`` writes the complete checkpoint into a temporary sibling directory and only
 then puts it in place: a new path by one ``rename``, an existing checkpoint by an atomic exchange
 of the two directories (Linux ``renameat2(RENAME_EXCHANGE)``), so at every instant a kill can hit
-the path holds either the old or the new complete checkpoint. Temporary directories of killed
-saves (named after their process id) are removed by the next save to the same path.
+the path holds either the old or the new complete checkpoint. Temporaries carry an ownership
+marker (:mod:`vlmpress.io.atomic_dir`); the next save removes those of killed saves and never
+touches a folder without the marker. ``--overwrite`` replaces only an empty directory or a
+vlmpress checkpoint, never the input model's directory; a failed write (disk full, permissions)
+is one :class:`~vlmpress.errors.OutputError` line, the previous checkpoint kept.
 
 ``vlmpress_config.json`` records the SHA-256 of every file written before it (the weights,
 preprocessing files, sub-folders included); ``load_compressed`` treats the checkpoint as data only
@@ -18,13 +21,10 @@ download). ``verify=False`` skips the hash comparison (not the other checks) for
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import hashlib
 import json
 import logging
 import os
-import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -37,8 +37,15 @@ from safetensors.torch import load_file, save_model
 from vlmpress.adapters.registry import adapter_origin, get_adapter_class
 from vlmpress.adapters.base import ModelAdapter, replace_module, weight_matrix
 from vlmpress.core.lowrank import LowRankLinear
-from vlmpress.errors import CheckpointError, ConfigError, UnknownModelSpecError
+from vlmpress.errors import CheckpointError, ConfigError, OutputError, UnknownModelSpecError
 from vlmpress.io import atomic_write_json, library_versions
+from vlmpress.io.atomic_dir import (  # noqa: F401  (exchange_paths: a historical name here)
+    clean_stale_temporaries as _clean_stale,
+    exchange_paths,
+    fsync_tree,
+    make_owned_temp,
+    replace_directory,
+)
 from vlmpress.io.strict import read_json_strict, read_safetensors_header
 from vlmpress.pipeline.checkpoint_guard import (
     check_tree,
@@ -202,119 +209,81 @@ def _probe_writable(out: Path) -> None:
         ) from None
 
 
+def _is_checkpoint_dir(directory: Path) -> bool:
+    """Whether ``directory`` holds a vlmpress checkpoint (a parseable config with our keys)."""
+    try:
+        config = read_json_strict(directory / CONFIG_NAME, "checkpoint config", CheckpointError, max_bytes=64 << 20, allow_nan=True)
+    except CheckpointError:
+        return False
+    return isinstance(config, dict) and "format_version" in config and "family" in config
+
+
+def model_paths(model_spec: str) -> list[Path]:
+    """Local paths a model spec reads (``hf:DIR``, ``open_clip:local-dir:DIR``, a checkpoint directory...)."""
+    candidates = [model_spec]
+    for prefix in ("hf:", "open_clip:local-dir:", "open_clip:"):
+        if model_spec.startswith(prefix):
+            candidates.append(model_spec[len(prefix):])
+    if "//" in model_spec:  # open_clip:NAME//abs/path/weights.safetensors
+        candidates.append("/" + model_spec.split("//", 1)[1])
+    out = []
+    for c in candidates:
+        try:
+            path = Path(c).expanduser()
+            if c and path.exists():
+                out.append(path.resolve())
+        except (OSError, ValueError):
+            continue
+    return out
+
+
+def refuse_model_inside(out: Path, model_spec: str, what: str) -> None:
+    """Never let ``out`` (to be replaced) be, or contain, the input model's own files."""
+    target = out.resolve()
+    for path in model_paths(model_spec):
+        if path == target or target in path.parents:
+            raise ConfigError(f"{what} {out} is (or contains) the input model {path}; it would be replaced. Choose another directory")
+
+
 def check_output_dir(out_dir: str | Path, model_spec: str, overwrite: bool = False) -> None:
-    """Refuse to replace an existing checkpoint or other content unless ``overwrite``; probe writability."""
+    """Refuse to replace anything but an empty directory or a vlmpress checkpoint; ``overwrite`` is
+    needed for the latter. Never the input model's directory. Probes writability."""
     out = Path(out_dir).expanduser().absolute()
     if out.exists() and not out.is_dir():
         raise ConfigError(f"output path {out} exists and is not a directory; choose another --out")
+    refuse_model_inside(out, model_spec, "output directory")
     _probe_writable(out)
-    if overwrite or not out.exists() or not any(out.iterdir()):
+    if not out.exists() or not any(out.iterdir()):
         return
-    config_path = out / CONFIG_NAME
-    if config_path.is_file():
-        try:
-            existing = json.loads(config_path.read_text()).get("model_spec")
-        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
-            existing = None
-        what = "a compressed checkpoint of the same model" if existing == model_spec else f"a different compressed model ({existing})"
-        raise ConfigError(f"output directory {out} already holds {what}; choose another --out or pass --overwrite to replace it")
-    raise ConfigError(f"output directory {out} is not empty and holds no vlmpress checkpoint; pass --overwrite to replace it")
-
-
-# ------------------------------------------------------------------ atomic directory replacement
-
-_RENAME_EXCHANGE = 2  # linux/fs.h
-
-
-def _libc_renameat2():
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        fn = libc.renameat2
-    except (OSError, AttributeError):
-        return None
-    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-    return fn
-
-
-_renameat2 = _libc_renameat2()
-
-
-def exchange_paths(a: Path, b: Path) -> bool:
-    """Atomically swap two existing paths (Linux ``renameat2(RENAME_EXCHANGE)``); False if unsupported."""
-    if _renameat2 is None:
-        return False
-    at_fdcwd = -100
-    if _renameat2(at_fdcwd, os.fsencode(str(a)), at_fdcwd, os.fsencode(str(b)), _RENAME_EXCHANGE) == 0:
-        return True
-    err = ctypes.get_errno()
-    if err in (38, 22, 95):  # ENOSYS, EINVAL (flag not supported by the file system), EOPNOTSUPP
-        return False
-    raise OSError(err, os.strerror(err), str(b))
-
-
-def _temp_prefix(out: Path) -> str:
-    return f".{out.name}.vlmpress-"
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def clean_stale_temporaries(out: Path) -> list[Path]:
-    """Remove temporary directories left next to ``out`` by saves whose process no longer runs."""
-    removed = []
-    pattern = re.compile(re.escape(_temp_prefix(out)) + r"(\d+)\.[^/]*\.tmp$")
-    # earlier vlmpress versions: mkdtemp(prefix=".NAME.", suffix=".tmp") (8 random characters) and ".NAME.old"
-    legacy = re.compile(re.escape(f".{out.name}.") + r"(old|[a-z0-9_]{8}\.tmp)$")
-    if not out.parent.is_dir():
-        return removed
-    for entry in out.parent.iterdir():
-        match = pattern.match(entry.name)
-        stale = (match and not _pid_alive(int(match.group(1)))) or (not match and legacy.match(entry.name))
-        if stale and entry.is_dir() and not entry.is_symlink():
-            if not out.exists() and (entry / CONFIG_NAME).is_file() and entry.name.endswith(".old"):
-                os.replace(entry, out)  # a legacy two-rename save was killed between its renames
-                continue
-            shutil.rmtree(entry, ignore_errors=True)
-            removed.append(entry)
-    if removed:
-        logger.info("removed %d stale temporary director%s of killed saves next to %s", len(removed), "y" if len(removed) == 1 else "ies", out)
-    return removed
-
-
-def _fsync_tree(directory: Path) -> None:
-    for path in directory.rglob("*"):
-        if path.is_file():
-            with open(path, "rb") as f:
-                os.fsync(f.fileno())
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def replace_directory(tmp: Path, out: Path) -> None:
-    """Put the complete directory ``tmp`` at ``out``, never leaving ``out`` missing or partial."""
-    if not out.exists():
-        os.replace(tmp, out)
+    if not _is_checkpoint_dir(out):
+        raise ConfigError(
+            f"output directory {out} is not empty and holds no vlmpress checkpoint; --overwrite replaces only a "
+            "checkpoint or an empty directory: choose another --out"
+        )
+    if overwrite:
         return
-    if exchange_paths(tmp, out):  # tmp now holds the old checkpoint
-        shutil.rmtree(tmp, ignore_errors=True)
-        return
-    # no atomic exchange (not Linux, or the file system lacks it): two renames; a kill in between
-    # leaves the old copy at ``.NAME.old``, which the next save puts back before anything else
-    backup = out.with_name(f".{out.name}.old")
-    shutil.rmtree(backup, ignore_errors=True)
-    os.replace(out, backup)
-    os.replace(tmp, out)
-    shutil.rmtree(backup, ignore_errors=True)
+    existing = read_json_strict(out / CONFIG_NAME, "checkpoint config", CheckpointError, allow_nan=True).get("model_spec")
+    what = "a compressed checkpoint of the same model" if existing == model_spec else f"a different compressed model ({existing})"
+    raise ConfigError(f"output directory {out} already holds {what}; choose another --out or pass --overwrite to replace it")
+
+
+def check_export_dir(export_dir: str | Path, out_dir: str | Path | None, model_spec: str, overwrite: bool = False) -> None:
+    """``--export-dense`` target: never the compressed output, a checkpoint or the input model;
+    an existing non-empty directory only with ``overwrite``."""
+    export = Path(export_dir).expanduser().absolute()
+    if out_dir is not None:
+        out = Path(out_dir).expanduser().absolute()
+        a, b = export.resolve(), out.resolve()
+        if a == b or b in a.parents or a in b.parents:
+            raise ConfigError(f"--export-dense {export} overlaps --out {out}; the dense export needs its own directory")
+    refuse_model_inside(export, model_spec, "--export-dense directory")
+    if export.exists() and not export.is_dir():
+        raise ConfigError(f"--export-dense path {export} exists and is not a directory")
+    if export.is_dir() and any(export.iterdir()):
+        if _is_checkpoint_dir(export):
+            raise ConfigError(f"--export-dense directory {export} holds a compressed vlmpress checkpoint; an export never replaces one")
+        if not overwrite:
+            raise ConfigError(f"output directory {export} is not empty; pass --overwrite to replace it")
 
 
 def save_compressed(
@@ -333,7 +302,7 @@ def save_compressed(
     out.parent.mkdir(parents=True, exist_ok=True)
     clean_stale_temporaries(out)
     check_output_dir(out, adapter.spec, overwrite)
-    tmp = Path(tempfile.mkdtemp(prefix=f"{_temp_prefix(out)}{os.getpid()}.", suffix=".tmp", dir=out.parent))
+    tmp = make_owned_temp(out)
     try:
         save_model(adapter.model, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "producer": "vlmpress"})
         if hasattr(adapter, "save_preprocessing"):
@@ -360,13 +329,23 @@ def save_compressed(
         validate_checkpoint_config(json.loads(json.dumps(config, default=str)))  # never write what load refuses
         atomic_write_json(tmp / CONFIG_NAME, config)
         report.write(tmp)
-        _fsync_tree(tmp)
+        fsync_tree(tmp)
         replace_directory(tmp, out)
+    except (OSError, SafetensorError) as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        reason = (getattr(err, "strerror", None) or str(err).splitlines()[0]) if str(err) else type(err).__name__
+        kept = "the previous checkpoint there is unchanged" if (out / CONFIG_NAME).is_file() else "nothing was written there"
+        raise OutputError(f"could not write the checkpoint to {out}: {reason}; {kept} (temporary files removed)") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     logger.info("saved compressed model to %s", out)
     return out
+
+
+def clean_stale_temporaries(out: Path) -> list[Path]:
+    """Remove vlmpress's own temporaries of killed saves beside ``out`` (see :mod:`vlmpress.io.atomic_dir`)."""
+    return _clean_stale(Path(out), restorable=_is_checkpoint_dir)
 
 
 def apply_rank_map(adapter: ModelAdapter, ranks: dict[str, int], shapes: dict[str, list[int]] | None = None) -> None:
@@ -507,14 +486,14 @@ def load_compressed(directory: str | Path, *, device: str | torch.device = "cpu"
     adapter.model.to(device)
     adapter.model.eval()
     adapter.checkpoint_config = config  # type: ignore[attr-defined]
+    adapter.checkpoint_dir = directory  # type: ignore[attr-defined]  (an export never goes there)
     return adapter
 
 
 def export_dense(adapter: ModelAdapter, out_dir: str | Path, *, overwrite: bool = False) -> Path:
     """Merge factors back into dense weights and write a stock checkpoint of the model's family."""
     out = Path(out_dir).expanduser()
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise ConfigError(f"output directory {out} is not empty; pass --overwrite to replace it")
+    check_export_dir(out, getattr(adapter, "checkpoint_dir", None), adapter.spec, overwrite)
     out.mkdir(parents=True, exist_ok=True)
     adapter.export_dense(out)
     return out
