@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import shutil
 from pathlib import Path
 
 from vlmpress.pipeline.config import ALLOCATIONS, METHODS, CompressionConfig
@@ -116,7 +115,11 @@ def run(args: argparse.Namespace) -> int:
     print(report.format_summary() if getattr(args, "quiet", False) else report.format_table(max_rows=60))
     out = save_compressed(adapter, args.out, report, overwrite=args.overwrite)
     if state_dir is not None:
-        shutil.rmtree(state_dir, ignore_errors=True)  # the checkpoint now holds everything
+        from vlmpress.pipeline.checkpoint import read_checkpoint_config, verify_checkpoint_files
+        from vlmpress.pipeline.sequential_state import remove_state
+
+        verify_checkpoint_files(out, read_checkpoint_config(out))  # re-read from disk: the state goes only after this
+        remove_state(state_dir)  # the checkpoint now holds everything
     print(f"\nsaved: {out}  (report: {out / 'compression_report.json'}, {out / 'compression_report.csv'})")
     if args.export_dense:
         dense = export_dense(adapter, args.export_dense, overwrite=args.overwrite)
