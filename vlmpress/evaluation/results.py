@@ -229,10 +229,48 @@ def write_record(record: EvalRecord, out_dir: str | Path, jsonl_name: str = RESU
     return path
 
 
+def iter_json_records(path: Path) -> Iterable[tuple[int, Any]]:
+    """(line number, parsed value) of every readable line of a JSONL (or the one value of a .json).
+
+    Lines that are not UTF-8, not JSON, nested absurdly deep or hold huge integers or duplicate
+    keys are skipped with one warning each (a crash mid-append leaves such a line); a ``.json``
+    file that cannot be read is a :class:`ResultsError`.
+    """
+    from vlmpress.io.strict import loads_strict, read_text_strict
+
+    if path.suffix == ".json":
+        yield 1, loads_strict(read_text_strict(path, "result file", ResultsError, max_bytes=64 << 20), str(path), ResultsError, allow_nan=True)
+        return
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise ResultsError(f"results file {path} cannot be read: {err.strerror or err}") from None
+    for lineno, raw in enumerate(data.split(b"\n"), 1):
+        if not raw.strip():
+            continue
+        try:
+            yield lineno, loads_strict(raw.decode("utf-8"), f"{path}:{lineno}", ResultsError, allow_nan=True)
+        except UnicodeDecodeError:
+            logger.warning("%s:%d: skipping a line that is not UTF-8", path, lineno)
+        except ResultsError as err:
+            logger.warning("skipping unreadable record: %s", err)
+
+
+def _check_metrics(data: Any) -> None:
+    metrics = data.get("metrics") if isinstance(data, dict) else None
+    if not isinstance(metrics, dict):
+        raise ResultsError("its 'metrics' is not a mapping")
+    for key in METRIC_KEYS:
+        value = metrics.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1):
+            raise ResultsError(f"its metric {key} = {str(value)[:20]} is not a fraction in [0, 1] (NaN or corrupt)")
+
+
 def read_records(paths: str | Path | Iterable[str | Path]) -> list[EvalRecord]:
     """Records from ``results.jsonl`` files, per-run ``.json`` files or directories holding a JSONL.
 
-    A truncated or corrupt JSONL line (e.g. a crash while appending) is skipped with a warning.
+    A truncated or corrupt JSONL line (e.g. a crash while appending), or a record whose accuracy is
+    NaN or outside [0, 1], is skipped with a warning -- never printed as a number.
     """
     if isinstance(paths, (str, Path)):
         paths = [paths]
@@ -242,17 +280,16 @@ def read_records(paths: str | Path | Iterable[str | Path]) -> list[EvalRecord]:
             p = p / RESULTS_JSONL
         if not p.is_file():
             raise ResultsError(f"results file not found: {p} (expected a results.jsonl written by 'vlmpress eval')")
-        if p.suffix == ".json":
+        for lineno, data in iter_json_records(p):
+            if isinstance(data, dict) and data.get("kind") in ("perplexity", "lm_eval"):
+                continue  # LLM records (perplexity, lm_eval): not zero-shot rows
             try:
-                records.append(EvalRecord.from_dict(json.loads(p.read_text(encoding="utf-8"))))
-            except json.JSONDecodeError as err:
-                raise ResultsError(f"{p} is not valid JSON: {err}") from None
-            continue
-        for lineno, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                records.append(EvalRecord.from_dict(json.loads(line)))
-            except (json.JSONDecodeError, ResultsError, TypeError) as err:
-                logger.warning("%s:%d: skipping unreadable record (%s)", p, lineno, err)
+                if not isinstance(data, dict):
+                    raise ResultsError("it is not a JSON object")
+                _check_metrics(data)
+                records.append(EvalRecord.from_dict(data))
+            except (ResultsError, TypeError, ValueError) as err:
+                if p.suffix == ".json":
+                    raise ResultsError(f"{p} is not a usable result record: {err}") from None
+                logger.warning("%s:%d: skipping unreadable record (%s)", p, lineno, str(err)[:200])
     return records

@@ -160,3 +160,91 @@ def read_safetensors_header(path: str | Path, error: type[VlmpressError] = Vlmpr
             raise error(f"{path} is corrupt: the header entry of tensor {name!r} is malformed ({str(entry)[:120]})")
         out[name] = (entry["dtype"], list(entry["shape"]))
     return out
+
+
+#: YAML recipes are small: more aliases, or more values once aliases are expanded, is a bomb
+MAX_YAML_ALIASES = 64
+MAX_YAML_VALUES = 100_000
+MAX_YAML_BYTES = 1 << 20
+
+
+def _expanded_size(root) -> int:
+    """Values a YAML node graph holds once every alias is expanded (memoised: linear in the graph)."""
+    import yaml
+
+    sizes: dict[int, int] = {}
+    stack = [(root, False)]
+    while stack:
+        node, children_done = stack.pop()
+        if id(node) in sizes:
+            continue
+        if isinstance(node, yaml.ScalarNode):
+            sizes[id(node)] = 1
+            continue
+        kids = [x for pair in node.value for x in pair] if isinstance(node, yaml.MappingNode) else list(node.value)
+        if children_done:
+            sizes[id(node)] = min(1 + sum(sizes[id(k)] for k in kids), 1 << 62)
+        else:
+            stack.append((node, True))
+            stack.extend((k, False) for k in kids if id(k) not in sizes)
+    return sizes[id(root)]
+
+
+def short_repr(value: Any, limit: int = 80) -> str:
+    """A bounded ``repr`` for error messages (safe on huge or self-similar structures)."""
+    import reprlib
+
+    r = reprlib.Repr()
+    r.maxlevel, r.maxlist, r.maxdict, r.maxstring, r.maxother, r.maxlong = 2, 4, 4, limit, limit, 40
+    text = r.repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def load_yaml_strict(path: str | Path, what: str, error: type[VlmpressError] = VlmpressError) -> Any:
+    """``yaml.safe_load`` of a UTF-8 file with duplicate keys, alias bombs and deep nesting refused."""
+    import yaml
+
+    text = read_text_strict(path, what, error, max_bytes=MAX_YAML_BYTES)
+
+    class Loader(yaml.SafeLoader):
+        aliases = 0
+
+        def compose_node(self, parent, index):
+            if self.check_event(yaml.AliasEvent):
+                Loader.aliases += 1
+                if Loader.aliases > MAX_YAML_ALIASES:
+                    raise _Refused(f"it uses more than {MAX_YAML_ALIASES} aliases (*name), which is an expansion bomb, not a recipe")
+            return super().compose_node(parent, index)
+
+        def get_single_node(self):
+            node = super().get_single_node()
+            if node is not None and _expanded_size(node) > MAX_YAML_VALUES:
+                raise _Refused(f"its aliases expand to more than {MAX_YAML_VALUES} values, which is an expansion bomb, not a recipe")
+            return node
+
+        def construct_mapping(self, node, deep=False):
+            keys = [self.construct_object(k, deep=True) for k, _ in node.value]
+            dup = next((k for i, k in enumerate(keys) if _hashable(k) and k in keys[:i]), None)
+            if dup is not None:
+                raise _Refused(f"the key {short_repr(dup)} appears twice in one mapping")
+            return super().construct_mapping(node, deep=deep)
+
+    try:
+        value = yaml.load(text, Loader=Loader)  # noqa: S506 - a SafeLoader subclass
+    except _Refused as err:
+        raise error(f"{what} {path} is refused: {err}") from None
+    except RecursionError:
+        raise error(f"{what} {path} is refused: it is nested too deeply") from None
+    except yaml.YAMLError as err:
+        raise error(f"{what} {path} is not valid YAML: {' '.join(str(err).split())[:200]}") from None
+    if json_depth(value) > MAX_JSON_DEPTH:
+        raise error(f"{what} {path} is refused: it is nested too deeply (at most {MAX_JSON_DEPTH} levels)")
+    return value
+
+
+def _hashable(value: Any) -> bool:
+    try:
+        hash(value)
+    except TypeError:
+        return False
+    return True
