@@ -19,6 +19,7 @@ import pytest
 import torch
 from PIL import Image
 
+import tally
 import toy_adapter  # noqa: F401  (registers the "toy" adapter family)
 from toy_adapter import ToyAdapter
 from vlmpress.pipeline.checkpoint import save_compressed
@@ -394,9 +395,7 @@ def env(tmp_path_factory, request):
         f"CLI bad-input suite: {TALLY['cases']} cases, {TALLY['exit2_one_line']} exit 2 with one clear line, "
         f"{TALLY['traceback']} tracebacks, {TALLY['silent']} silent (exit 0), {TALLY['other']} other"
     )
-    capture = request.config.pluginmanager.getplugin("capturemanager")
-    with capture.global_and_fixture_disabled():  # shown even under pytest -q
-        print("\n" + line)
+    tally.LINES.append(line)  # printed at the end of the run (conftest.pytest_terminal_summary)
 
 
 def _error_lines(err: str) -> list[str]:

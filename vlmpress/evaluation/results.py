@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime, timezone
@@ -58,6 +59,19 @@ METRIC_KEYS = ("top1", "top5", "mean_per_class_recall")
 
 class ResultsError(VlmpressError, ValueError):
     """A results file is missing or holds no usable records."""
+
+
+_NUM = (int, float)
+#: JSON types of the record fields (a record with others is skipped, never half-used)
+_FIELD_TYPES: dict[str, tuple[type, ...]] = {
+    "model": (str,), "dataset": (str,), "split": (str,), "metrics": (dict,), "method": (str,), "label": (str,),
+    "base_model": (str,), "templates": (str,), "device": (str,), "precision": (str,), "timestamp": (str,),
+    "predictions_file": (str,), "n_images": (int,), "n_classes": (int,), "n_classes_present": (int,), "n_nonfinite": (int,),
+    "top5_k": (int,), "n_templates": (int,), "schema_version": (int,), "reduction": _NUM, "top1_stderr": _NUM,
+    "seconds": _NUM, "seconds_text": _NUM, "seconds_images": _NUM, "split_detail": (dict,), "compression": (dict,),
+    "versions": (dict,),
+}
+_NULLABLE = frozenset({"reduction", "compression", "predictions_file", "top1_stderr"})
 
 
 @dataclass
@@ -114,6 +128,14 @@ class EvalRecord:
         missing = [k for k in ("model", "dataset", "metrics") if k not in data]
         if missing:
             raise ResultsError(f"result record lacks {', '.join(missing)}: {str(data)[:120]}")
+        for key, kinds in _FIELD_TYPES.items():
+            value = data.get(key)
+            if key in data and not (isinstance(value, kinds) and not (isinstance(value, bool) and bool not in kinds)):
+                if value is None and key in _NULLABLE:
+                    continue
+                raise ResultsError(f"result record field '{key}' has the wrong type ({type(value).__name__})")
+            if isinstance(value, float) and not math.isfinite(value) and key != "top1_stderr":
+                raise ResultsError(f"result record field '{key}' is not finite")
         kwargs = {k: v for k, v in data.items() if k in known}
         kwargs.setdefault("split", "unknown")
         kwargs.setdefault("n_images", 0)

@@ -297,7 +297,7 @@ class CompressionConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "CompressionConfig":
         known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(str(k) for k in data if k not in known)
+        unknown = sorted((str(k) if str(k).isprintable() else repr(str(k)))[:60] for k in data if k not in known)
         if unknown:
             raise ConfigError(f"unknown config keys: {', '.join(unknown)}; known keys: {', '.join(sorted(known))}")
         return cls(**data)
