@@ -77,6 +77,16 @@ def _write_config(d: Path, cfg: dict, *, rehash: bool = True) -> None:
     (d / "vlmpress_config.json").write_text(json.dumps(cfg))
 
 
+def _refused(base: Path, tmp_path: Path, edit, match: str) -> None:
+    """Copy ``base``, ``edit`` its config, recompute every hash (the attacker's move): loading is refused."""
+    d = _copy(base, tmp_path)
+    cfg = _config(d)
+    edit(cfg)
+    _write_config(d, cfg)
+    with pytest.raises(CheckpointError, match=match):
+        load_compressed(d)
+
+
 def _list(d: Path, cfg: dict, *names: str) -> None:
     for name in names:
         cfg["file_sha256"][name] = file_sha256(d / name)
@@ -118,21 +128,12 @@ def test_auto_map_in_a_tokenizer_file_never_imports_planted_code(clip_ckpt, tmp_
 
 
 def test_auto_map_in_the_model_config_is_refused(clip_ckpt, tmp_path):
-    d = _copy(clip_ckpt, tmp_path)
-    cfg = _config(d)
-    cfg["spec_config"]["config"]["auto_map"] = {"AutoModel": "evil.Model"}
-    _write_config(d, cfg)
-    with pytest.raises(CheckpointError, match="auto_map"):
-        load_compressed(d)
+    _refused(clip_ckpt, tmp_path, lambda c: c["spec_config"]["config"].__setitem__("auto_map", {"AutoModel": "evil.Model"}), "auto_map")
 
 
 def test_hub_attention_kernels_are_refused(clip_ckpt, tmp_path):
-    d = _copy(clip_ckpt, tmp_path)
-    cfg = _config(d)
-    cfg["spec_config"]["config"]["_attn_implementation"] = "kernels-community/flash-attn"
-    _write_config(d, cfg)
-    with pytest.raises(CheckpointError, match="not a built-in attention implementation"):
-        load_compressed(d)
+    _refused(clip_ckpt, tmp_path, lambda c: c["spec_config"]["config"].__setitem__("_attn_implementation", "kernels-community/flash-attn"),
+             "not a built-in attention implementation")
 
 
 @pytest.mark.parametrize("options, expect", [
@@ -141,12 +142,7 @@ def test_hub_attention_kernels_are_refused(clip_ckpt, tmp_path):
     ({"clean": "nonsense"}, "is not accepted"),
 ])
 def test_open_clip_tokenizer_options_are_allow_listed(open_clip_ckpt, tmp_path, options, expect):
-    d = _copy(open_clip_ckpt, tmp_path)
-    cfg = _config(d)
-    cfg["spec_config"]["model_cfg"]["text_cfg"]["tokenizer_kwargs"] = options
-    _write_config(d, cfg)
-    with pytest.raises(CheckpointError, match=expect):
-        load_compressed(d)
+    _refused(open_clip_ckpt, tmp_path, lambda c: c["spec_config"]["model_cfg"]["text_cfg"].__setitem__("tokenizer_kwargs", options), expect)
 
 
 @pytest.mark.parametrize("edit, expect", [
@@ -156,12 +152,7 @@ def test_open_clip_tokenizer_options_are_allow_listed(open_clip_ckpt, tmp_path, 
     (lambda c: c["spec_config"]["model_cfg"].__setitem__("pretrained_path", "/x"), "unknown key"),
 ])
 def test_open_clip_spec_config_is_allow_listed(open_clip_ckpt, tmp_path, edit, expect):
-    d = _copy(open_clip_ckpt, tmp_path)
-    cfg = _config(d)
-    edit(cfg)
-    _write_config(d, cfg)
-    with pytest.raises(CheckpointError, match=expect):
-        load_compressed(d)
+    _refused(open_clip_ckpt, tmp_path, edit, expect)
 
 
 def test_open_clip_hf_tokenizer_name_is_never_read(open_clip_ckpt, tmp_path):
@@ -170,12 +161,8 @@ def test_open_clip_hf_tokenizer_name_is_never_read(open_clip_ckpt, tmp_path):
 
     outside = tmp_path / "outside-tokenizer"
     tiny_clip_tokenizer().save_pretrained(outside)
-    d = _copy(open_clip_ckpt, tmp_path)
-    cfg = _config(d)
-    cfg["spec_config"]["model_cfg"]["text_cfg"]["hf_tokenizer_name"] = str(outside)
-    _write_config(d, cfg)
-    with pytest.raises(CheckpointError, match="holds no tokenizer/ files"):
-        load_compressed(d)
+    _refused(open_clip_ckpt, tmp_path, lambda c: c["spec_config"]["model_cfg"]["text_cfg"].__setitem__("hf_tokenizer_name", str(outside)),
+             "holds no tokenizer/ files")
 
 
 # ------------------------------------------------------------------------------------------ nothing outside

@@ -106,6 +106,15 @@ class ModelAdapter(ABC):
                 return f"unknown key(s) {', '.join(unknown)} for family {cls.family} (allowed: {', '.join(sorted(cls.spec_config_keys))})"
         return None
 
+    @classmethod
+    def require_valid_spec_config(cls, config: Any) -> None:
+        """:meth:`spec_config_problem` as a CheckpointError (first line of :meth:`build_from_spec_config`)."""
+        from vlmpress.errors import CheckpointError
+
+        problem = cls.spec_config_problem(config)
+        if problem:
+            raise CheckpointError(f"{cls.family} spec config: {problem}")
+
     def save_preprocessing(self, out_dir: str | Path) -> None:
         """Optional hook: write what :meth:`build_from_spec_config` needs besides the weights.
 

@@ -108,6 +108,13 @@ def _resolve_dtype(dtype: Any) -> torch.dtype | str | None:
     raise ConfigError(f"unknown torch_dtype {dtype!r}; use float32, float16, bfloat16 or auto")
 
 
+def saved_dtype_problem(dtype: Any) -> str | None:
+    """A checkpoint's recorded weight dtype must be one vlmpress builds models in."""
+    if dtype not in (None, "float32", "float16", "bfloat16"):
+        return f"'dtype' must be float32, float16 or bfloat16, got {str(dtype)[:40]!r}"
+    return None
+
+
 class HFCausalLMAdapter(ModelAdapter):
     """``transformers`` decoder-only LM (``AutoModelForCausalLM``) plus its tokenizer."""
 
@@ -217,9 +224,7 @@ class HFCausalLMAdapter(ModelAdapter):
     ) -> "HFCausalLMAdapter":
         from transformers import AutoConfig, AutoModelForCausalLM
 
-        problem = cls.spec_config_problem(config)
-        if problem:
-            raise CheckpointError(f"{cls.family} spec config: {problem}")
+        cls.require_valid_spec_config(config)
         try:
             hf_config = AutoConfig.for_model(**config["config"])
         except (KeyError, ValueError) as err:
@@ -241,9 +246,7 @@ class HFCausalLMAdapter(ModelAdapter):
         model_config = config.get("config")
         if not isinstance(model_config, dict) or model_config.get("model_type") not in BLOCK_PATHS:
             return f"'config' must be a transformers config of a supported model type ({', '.join(BLOCK_PATHS)})"
-        if config.get("dtype") not in (None, "float32", "float16", "bfloat16"):
-            return f"'dtype' must be float32, float16 or bfloat16, got {str(config.get('dtype'))[:40]!r}"
-        return None
+        return saved_dtype_problem(config.get("dtype"))
 
     def save_preprocessing(self, out_dir: str | Path) -> None:
         """The tokenizer travels with compressed checkpoints (reload and evaluate without the original)."""

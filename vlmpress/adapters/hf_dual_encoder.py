@@ -79,6 +79,13 @@ def loader_options(local_only: bool) -> dict[str, Any]:
     return {"trust_remote_code": False, **({"local_files_only": True} if local_only else {})}
 
 
+def named_config_problem(family: str, config: dict) -> str | None:
+    """Spec configs of transformers families hold the model's ``name`` (a label) and its ``config``."""
+    if not isinstance(config.get("name"), str) or not isinstance(config.get("config"), dict):
+        return f"{family} spec config needs 'name' (a string) and 'config' (a mapping)"
+    return None
+
+
 def _features(output: Any) -> torch.Tensor:
     """``get_*_features`` returns a tensor in older transformers, a ModelOutput (pooler_output) in 5.x."""
     if isinstance(output, torch.Tensor):
@@ -191,9 +198,7 @@ class HFDualEncoderAdapter(VisionLanguageAdapter):
         place to read from. Without ``preprocessing_dir`` the adapter builds without processors and
         :meth:`tokenize`/:attr:`preprocess` raise a clear error when used.
         """
-        problem = cls.spec_config_problem(config)
-        if problem:
-            raise CheckpointError(f"{cls.family} spec config: {problem}")
+        cls.require_valid_spec_config(config)
         name, model_config = config["name"], config["config"]
         hf_config = cls._transformers_class(cls.config_class_name).from_dict(deepcopy(model_config))
         model = cls._transformers_class(cls.model_class_name)(hf_config).to(device).eval()
@@ -218,9 +223,7 @@ class HFDualEncoderAdapter(VisionLanguageAdapter):
         problem = super().spec_config_problem(config)
         if problem:
             return problem
-        if not isinstance(config.get("name"), str) or not isinstance(config.get("config"), dict):
-            return f"{cls.family} spec config needs 'name' (a string) and 'config' (a mapping)"
-        return None
+        return named_config_problem(cls.family, config)
 
     def save_preprocessing(self, out_dir: str | Path) -> None:
         """Write tokenizer and image processor files so the checkpoint is self-contained."""

@@ -44,7 +44,7 @@ from torch import nn
 
 from vlmpress.adapters.base import ModelAdapter, TargetLayer
 from vlmpress.adapters.hf_clip import ImageProcessorTransform, hf_model_type, hf_name
-from vlmpress.adapters.hf_dual_encoder import loader_options
+from vlmpress.adapters.hf_dual_encoder import loader_options, named_config_problem
 from vlmpress.adapters.merge import merge_lowrank_layers
 from vlmpress.errors import CalibrationError, CheckpointError, ConfigError, UnknownModelSpecError, VlmpressError
 
@@ -254,9 +254,7 @@ class HFGenerativeVLMAdapter(ModelAdapter):
     ) -> "HFGenerativeVLMAdapter":
         from vlmpress.adapters.hf_causal_lm import _resolve_dtype
 
-        problem = cls.spec_config_problem(config)
-        if problem:
-            raise CheckpointError(f"{cls.family} spec config: {problem}")
+        cls.require_valid_spec_config(config)
         name, model_config = config["name"], copy.deepcopy(config["config"])
         hf_config = cls._transformers_class(cls.config_class_name).from_dict(model_config)
         dtype = _resolve_dtype(config.get("dtype")) or torch.float32
@@ -281,13 +279,12 @@ class HFGenerativeVLMAdapter(ModelAdapter):
         problem = super().spec_config_problem(config)
         if problem:
             return problem
-        if not isinstance(config.get("name"), str) or not isinstance(config.get("config"), dict):
-            return f"{cls.family} spec config needs 'name' (a string) and 'config' (a mapping)"
-        if config.get("dtype") not in (None, "float32", "float16", "bfloat16"):
-            return f"'dtype' must be float32, float16 or bfloat16, got {str(config.get('dtype'))[:40]!r}"
-        if not isinstance(config.get("prompt", ""), str):
-            return "'prompt' must be a string"
-        return None
+        from vlmpress.adapters.hf_causal_lm import saved_dtype_problem
+
+        problem = named_config_problem(cls.family, config) or saved_dtype_problem(config.get("dtype"))
+        if problem is None and not isinstance(config.get("prompt", ""), str):
+            problem = "'prompt' must be a string"
+        return problem
 
     def save_preprocessing(self, out_dir: str | Path) -> None:
         """The processor (image processor, tokenizer, chat template) travels with compressed checkpoints."""

@@ -299,9 +299,7 @@ class OpenClipAdapter(VisionLanguageAdapter):
         ``preprocessing_dir`` is accepted for interface symmetry: open_clip's preprocessing and
         tokenizer are fully described by ``model_cfg``/``preprocess_cfg``.
         """
-        problem = cls.spec_config_problem(config)
-        if problem:
-            raise CheckpointError(f"open_clip spec config: {problem}")
+        cls.require_valid_spec_config(config)
         name = config["model_name"]
         model_cfg = config.get("model_cfg") or (None if name.startswith(_SCHEMAS) else open_clip.get_model_config(name))
         if model_cfg is None:
