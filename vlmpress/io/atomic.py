@@ -52,15 +52,20 @@ def append_jsonl(path: str | Path, record: dict) -> Path:
     final newline) is closed with a newline first, so readers report it as one unreadable line
     instead of merging it with this record.
     """
-    import fcntl
     import logging
+
+    try:
+        import fcntl  # POSIX: serialise concurrent appends (elsewhere O_APPEND alone)
+    except ImportError:  # pragma: no cover
+        fcntl = None
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     line = (json.dumps(record, default=str) + "\n").encode("utf-8")
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o666)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        if fcntl is not None:
+            fcntl.flock(fd, fcntl.LOCK_EX)
         size = os.fstat(fd).st_size
         if size and os.pread(fd, 1, size - 1) != b"\n":
             logging.getLogger(__name__).warning("%s ended in a torn line (an earlier crash); closed it before appending", path)
