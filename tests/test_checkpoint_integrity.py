@@ -65,6 +65,7 @@ def test_overwrite_exchanges_directories_atomically(tmp_path):
     out = save_compressed(a, tmp_path / "ck", rep_a)
     save_compressed(b, out, rep_b, overwrite=True)
     assert json.loads((out / "vlmpress_config.json").read_text())["ratio"] == 0.7
+    assert not (out / OWNER_MARKER).exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]  # the old copy is gone, no temporaries
 
 
@@ -86,9 +87,12 @@ def test_stale_temporaries_of_dead_processes_are_cleaned(tmp_path):
         (d / "model.safetensors").write_bytes(b"partial")
     for d in (stale, live, neighbour):
         (d / OWNER_MARKER).write_text("x")
+    unmarked_empty = tmp_path / f".ck.vlmpress-{dead.pid}.e1m2.tmp"  # killed between mkdtemp and marking
+    unmarked_empty.mkdir()
     save_compressed(adapter, out, report)
-    assert not stale.exists()
+    assert not stale.exists() and not unmarked_empty.exists()
     assert all(d.exists() for d in (look_alike, live, legacy_tmp, legacy_old, neighbour))
+    assert not (out / OWNER_MARKER).exists()  # the marker never stays in the saved checkpoint
 
 
 def test_backup_of_a_killed_two_rename_swap_is_restored(tmp_path):

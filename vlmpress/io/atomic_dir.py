@@ -4,11 +4,13 @@ A new directory is built in a sibling temporary (``.NAME.vlmpress-PID.RANDOM.tmp
 place by one ``rename`` (new path) or an atomic exchange (Linux ``renameat2(RENAME_EXCHANGE)``),
 so every instant a kill can hit leaves either the old or the new complete directory.
 
-Ownership: every temporary holds the marker file :data:`OWNER_MARKER` from its creation until it
-is renamed into place (the marker is removed just before). Only a directory that matches the
-name pattern, whose process is gone, *and* holds the marker is ever deleted as stale: a user's
-folder that merely looks like one (``.NAME.old``, ``.NAME.k2j3x9ab.tmp``, even
-``.NAME.vlmpress-1.x.tmp``) is never touched. A backup of a killed two-rename swap (file systems
+Ownership: every temporary holds the marker file :data:`OWNER_MARKER` for as long as it sits at a
+temporary name (it travels with the rename and is removed from the final path afterwards). Only a
+directory that matches the name pattern, whose process is gone, *and* holds the marker is ever
+deleted as stale; the one exception is an *empty* one (a kill between creating it and marking it),
+which ``rmdir`` removes and which cannot hold anything of the user's. A user's folder that merely
+looks like one (``.NAME.old``, ``.NAME.k2j3x9ab.tmp``, even ``.NAME.vlmpress-1.x.tmp`` with files in
+it) is never touched. A backup of a killed two-rename swap (file systems
 without exchange) is restored, never deleted, when the target is missing.
 """
 
@@ -117,6 +119,11 @@ def clean_stale_temporaries(out: Path, restorable=lambda d: False) -> list[Path]
             continue
         if remove_owned(entry):
             removed.append(entry)
+        elif match.group(2) == "tmp" and not any(entry.iterdir()):
+            # killed between mkdtemp and writing the marker: rmdir removes only an empty directory,
+            # so a look-alike user folder with anything in it is still never touched
+            os.rmdir(entry)
+            removed.append(entry)
     if removed:
         logger.info("removed %d stale temporary director%s of killed saves next to %s", len(removed), "y" if len(removed) == 1 else "ies", out)
     return removed
@@ -135,14 +142,21 @@ def fsync_tree(directory: Path) -> None:
 
 
 def replace_directory(tmp: Path, out: Path) -> None:
-    """Put the complete, marked temporary ``tmp`` at ``out``, never leaving ``out`` missing or partial."""
-    (tmp / OWNER_MARKER).unlink(missing_ok=True)  # from here on it is the checkpoint, not a temporary
+    """Put the complete, marked temporary ``tmp`` at ``out``, never leaving ``out`` missing or partial.
+
+    The marker stays in whatever sits at a temporary name at every instant (the new copy before
+    the rename, the old copy after it), so a kill at any point leaves only marked, removable
+    temporaries; the new ``out`` sheds its marker last (a leftover marker in ``out`` is harmless:
+    loading ignores it and the next save replaces it).
+    """
     if not out.exists():
         os.replace(tmp, out)
+        (out / OWNER_MARKER).unlink(missing_ok=True)
         return
+    _mark(out)  # the old copy is marked before it moves to a temporary name
     if exchange_paths(tmp, out):  # tmp now holds the old directory
-        _mark(tmp)
         remove_owned(tmp)
+        (out / OWNER_MARKER).unlink(missing_ok=True)
         return
     # no atomic exchange (not Linux, or the file system lacks it): two renames; a kill in between
     # leaves the old copy at a backup name that the next save restores before anything else
@@ -150,5 +164,5 @@ def replace_directory(tmp: Path, out: Path) -> None:
     os.rmdir(backup)  # reserve an unguessable name; rename needs it absent (or empty)
     os.replace(out, backup)
     os.replace(tmp, out)
-    _mark(backup)
     remove_owned(backup)
+    (out / OWNER_MARKER).unlink(missing_ok=True)
