@@ -45,6 +45,7 @@ from vlmpress.io.atomic_dir import (  # noqa: F401  (exchange_paths: a historica
     fsync_tree,
     make_owned_temp,
     replace_directory,
+    temp_prefix,
 )
 from vlmpress.io.strict import read_json_strict, read_safetensors_header
 from vlmpress.pipeline.checkpoint_guard import (
@@ -201,7 +202,10 @@ def _probe_writable(out: Path) -> None:
     if parent.exists() and not parent.is_dir():
         raise ConfigError(f"output path {out} is not writable: {parent} is a file, not a directory")
     try:
-        probe = tempfile.mkdtemp(prefix=".vlmpress-write-probe.", dir=parent)
+        # beside ``out`` the probe takes a temporary's name, so one left by a kill between the two
+        # calls is an empty temporary that the next save removes
+        prefix = f"{temp_prefix(out)}{os.getpid()}." if parent == out.parent else ".vlmpress-write-probe."
+        probe = tempfile.mkdtemp(prefix=prefix, suffix=".tmp", dir=parent)
         os.rmdir(probe)
     except OSError as err:
         raise ConfigError(

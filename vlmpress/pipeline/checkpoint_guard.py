@@ -1,6 +1,6 @@
 """What a checkpoint directory may contain and hand to library loaders: data, never code.
 
-``load_compressed`` reads a checkpoint in three guarded steps (see docs/checkpoints-and-security.md):
+``load_compressed`` reads a checkpoint in three guarded steps (see docs/checkpoints.md):
 
 1. :func:`refuse_code_switches` walks every value of ``vlmpress_config.json`` (and of every JSON
    file it will hand on): no ``trust_remote_code``, no ``auto_map`` (names Python modules), no

@@ -7,7 +7,7 @@ manifest lists it. ``--resume`` reloads the finished blocks' factors and continu
 block; the blocks' inputs are recomputed by running the finished blocks again on the calibration
 data (a forward pass, no factorisation), so nothing as large as the activations is ever stored.
 
-The state is treated like a checkpoint (see docs/checkpoints-and-security.md):
+The state is treated like a checkpoint (see docs/checkpoints.md):
 
 * the manifest records a fingerprint of the recipe *and of the inputs' content* -- SHA-256 of every
   file of a local model and of the calibration text/caption/split files, name+size+mtime of the
