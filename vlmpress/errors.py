@@ -31,3 +31,7 @@ class CheckpointError(VlmpressError, RuntimeError):
 
 class DatasetError(VlmpressError, RuntimeError):
     """A dataset is missing or incomplete on disk."""
+
+
+class OutputError(VlmpressError, RuntimeError):
+    """An output could not be written (disk full, no permission); what existed before is kept."""

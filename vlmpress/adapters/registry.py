@@ -27,14 +27,7 @@ import logging
 from contextlib import contextmanager
 from importlib import metadata
 
-from vlmpress.adapters.base import (
-    ModelAdapter,
-    TargetLayer,
-    VisionLanguageAdapter,
-    replace_module,
-    select_targets,
-    weight_matrix,
-)
+from vlmpress.adapters.base import ModelAdapter
 from vlmpress.adapters.unsupported import ENTRY_POINT_GROUP, UnsupportedArchitectureError, unsupported_message
 from vlmpress.errors import UnknownModelSpecError
 
@@ -147,7 +140,7 @@ def get_adapter_class(family: str) -> type[ModelAdapter]:
         raise UnknownModelSpecError(
             f"unknown adapter family '{family}'{why}; known adapters: {', '.join(known_adapters())}. "
             f"A family outside vlmpress is provided by an installed package declaring an entry point "
-            f"'{family}' in the group '{ENTRY_POINT_GROUP}' (see README 'Adding an adapter')"
+            f"'{family}' in the group '{ENTRY_POINT_GROUP}' (see docs/adapters.md)"
         )
     return cls
 
@@ -231,16 +224,11 @@ def _hf_unsupported(spec: str) -> UnknownModelSpecError:
 
 __all__ = [
     "ENTRY_POINT_GROUP",
-    "ModelAdapter",
-    "TargetLayer",
-    "VisionLanguageAdapter",
     "adapter_for_spec",
+    "adapter_origin",
     "get_adapter_class",
     "known_adapters",
     "plugin_entry_points",
     "register_adapter",
     "use_adapter",
-    "replace_module",
-    "select_targets",
-    "weight_matrix",
 ]

@@ -23,7 +23,7 @@ def unsupported_message(spec: str, model_type: str | None, reason: str) -> str:
         "To add it, subclass the base that fits -- vlmpress.adapters.HFDualEncoderAdapter (dual encoders, CLIP-style), "
         "vlmpress.adapters.HFGenerativeVLMAdapter (generative vision-language models) or "
         "vlmpress.adapters.HFCausalLMAdapter (text-only causal LMs) -- and register it under the entry-point group "
-        f"'{ENTRY_POINT_GROUP}' (docs/llms-and-moe.md: 'When the rules miss a family')"
+        f"'{ENTRY_POINT_GROUP}' (docs/llms.md: 'When the rules miss a family')"
     )
 
 
