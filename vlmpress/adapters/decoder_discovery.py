@@ -11,6 +11,8 @@ Block list
     classes in one list) are one list.
 
 Kinds (per linear, relative to its block; the first rule that decides wins)
+    0. a per-expert layer of a split MoE experts module (:mod:`vlmpress.adapters.routed_experts`)
+       -> ``expert_gate_up`` / ``expert_up`` / ``expert_down`` (routed: calibrated on its own tokens);
     1. a module on the path that is a state-space / recurrent mixer -- it owns an ``A_log``/``dt_bias``
        parameter or a depthwise ``Conv1d`` (Mamba, Jamba, Granite-hybrid, gated delta nets) -> ``other``;
     2. a module on the path whose class or attribute name says attention (``...Attention``,
@@ -41,6 +43,7 @@ import torch
 from torch import nn
 
 from vlmpress.adapters.discovery import is_linear_like, layer_kind
+from vlmpress.adapters.routed_experts import RoutedExperts
 
 _LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers", "decoder_layers")
 _ATTN_CLASS = re.compile(r"attention|attn", re.I)
@@ -127,6 +130,9 @@ def _ancestors(block: nn.Module, rel_path: str) -> Iterator[tuple[str, nn.Module
 def linear_kind(block: nn.Module, rel_path: str) -> str:
     """``attn`` / ``mlp`` / ``other`` of the linear at ``rel_path`` inside ``block`` (module docstring)."""
     ancestors = list(_ancestors(block, rel_path))
+    for (_, module), (attribute, _) in zip(ancestors, ancestors[1:]):
+        if isinstance(module, RoutedExperts):
+            return module.layer_kind(attribute)
     if any(is_state_space_mixer(m) for _, m in ancestors):
         return "other"
     for name, module in ancestors:

@@ -6,7 +6,10 @@ module tree (:mod:`vlmpress.adapters.decoder_discovery`, no table of model names
 linear layer a causal forward calls inside the blocks -- attention (q/k/v/o, packed ``c_attn`` /
 ``query_key_value`` as one layer, MLA's low-rank projections), MLP (gate/up/down, fc1/fc2, shared
 experts) and ``other`` (Mamba / SSM projections) -- in one group ``decoder`` (the paper's clustered
-allocation: one tolerance per kind). Routers stay dense. An untied ``lm_head`` is a candidate too
+allocation: one tolerance per kind). Fused MoE experts (transformers 5's 3-D expert tensors) are split
+into one linear per expert and matrix by :meth:`prepare_for_compression`
+(:mod:`vlmpress.adapters.routed_experts`): kinds ``expert_gate_up`` / ``expert_up`` / ``expert_down``,
+each calibrated on the tokens routed to it. Routers stay dense. An untied ``lm_head`` is a candidate too
 but excluded by default (:attr:`HFCausalLMAdapter.default_exclude`; name it in ``targets`` to
 compress it). Embeddings are not linear layers and are never factorised.
 
@@ -28,6 +31,7 @@ from torch import nn
 
 from vlmpress.adapters.base import ModelAdapter, TargetLayer, replace_module
 from vlmpress.adapters.decoder_discovery import bidirectional_reason, block_linears, find_block_list, uncalled_layers
+from vlmpress.adapters.routed_experts import EXPERT_KINDS, FusedExperts, fuse_experts, restore_split, split_experts
 from vlmpress.core.lowrank import LowRankLinear
 from vlmpress.adapters.unsupported import UnsupportedArchitectureError, unsupported_message
 from vlmpress.errors import CheckpointError, ConfigError, UnknownModelSpecError
@@ -143,6 +147,7 @@ class HFCausalLMAdapter(ModelAdapter):
             raise UnsupportedArchitectureError(unsupported_message(spec, self.model_type, reason))
         self._blocks = blocks
         self._uncalled: set[str] | None = None  # filled by the first target_layers() (a probe forward)
+        self.fused_experts: list[FusedExperts] = []  # filled by prepare_for_compression
         head = model.get_output_embeddings()
         head_name = next((n for n, m in model.named_modules() if m is head), None) if head is not None else None
         if head_name and head_name != "lm_head":  # e.g. BERT-style cls.predictions.decoder: also kept dense by default
@@ -306,6 +311,12 @@ class HFCausalLMAdapter(ModelAdapter):
                                 len(self._uncalled), sorted(self._uncalled)[0])
         return self._uncalled
 
+    def prepare_for_compression(self) -> None:
+        """Split fused MoE experts into per-expert linears (same outputs; idempotent)."""
+        found = split_experts(self.model, self.model.config)
+        known = {item.path for item in self.fused_experts}
+        self.fused_experts += [item for item in found if item.path not in known]
+
     def target_layers(self) -> list[TargetLayer]:
         found: dict[str, tuple[nn.Module, str]] = {}
         for prefix, block in self.decoder_blocks():
@@ -313,7 +324,10 @@ class HFCausalLMAdapter(ModelAdapter):
                 if isinstance(module, nn.Linear) or _is_conv1d(module):  # not layers compressed already
                     found[f"{prefix}.{name}"] = (module, kind)
         skip = self._not_called({name: module for name, (module, _) in found.items()})
-        out = [TargetLayer(name, "decoder", kind, module) for name, (module, kind) in found.items() if name not in skip]
+        out = [
+            TargetLayer(name, "decoder", kind, module, routed=kind in EXPERT_KINDS)
+            for name, (module, kind) in found.items() if name not in skip
+        ]
         head = self.model.get_output_embeddings()
         if isinstance(head, nn.Linear) and not self._head_is_tied():
             name = next(n for n, m in self.model.named_modules() if m is head)
@@ -399,17 +413,21 @@ class HFCausalLMAdapter(ModelAdapter):
         return module.to_dense()
 
     def export_dense(self, out_dir: str | Path) -> None:
-        """Merge every LowRankLinear (GPT-2: back into Conv1D layout), ``save_pretrained``, restore.
+        """Merge every LowRankLinear (GPT-2: back into Conv1D layout; split experts: back into the
+        stock fused tensors), ``save_pretrained``, restore.
 
         The compressed modules are put back afterwards, so the adapter stays compressed.
         """
         swapped: list[tuple[str, nn.Module]] = []
+        split: list = []
         try:
             for name, module in list(self.model.named_modules()):
                 if isinstance(module, LowRankLinear):
                     swapped.append((name, replace_module(self.model, name, self._dense_module(name, module))))
+            split = fuse_experts(self.model)
             self.model.save_pretrained(str(out_dir), safe_serialization=True)
         finally:
+            restore_split(self.model, split)
             for name, module in swapped:
                 replace_module(self.model, name, module)
         if self.tokenizer is not None:
