@@ -34,9 +34,11 @@ def test_sampled_families_pass_the_round_trip(tmp_path):
 
 
 def test_census_rows_record_structure():
-    row = census_family("mixtral")
-    assert row.kinds == {"attn": 8} and row.experts == 4 and row.fused_expert_params > 0  # experts are fused 3-D
-    assert row.targeted_share < 0.5
+    row = census_family("mixtral")  # fused experts split: one layer per expert and matrix
+    assert row.kinds == {"attn": 8, "expert_gate_up": 8, "expert_down": 8} and row.experts == 4
+    assert row.expert_layers == 16 and row.fused_expert_params == 0 and row.targeted_share > 0.9
+    llama4 = census_family("llama4_text")  # its experts module declares no layout: kept fused, with the reason
+    assert llama4.status == "ok" and llama4.fused_expert_params > 0 and "not declared" in llama4.fused_kept_reason
     vlm = census_family("gemma3")
     assert vlm.status == "vlm" and "vision" in vlm.reason
 

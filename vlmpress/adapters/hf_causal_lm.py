@@ -323,6 +323,8 @@ class HFCausalLMAdapter(ModelAdapter):
             for name, module, kind in block_linears(block):
                 if isinstance(module, nn.Linear) or _is_conv1d(module):  # not layers compressed already
                     found[f"{prefix}.{name}"] = (module, kind)
+        routers = tuple(f"{item.router}." for item in self.fused_experts if item.router)
+        found = {name: v for name, v in found.items() if not f"{name}.".startswith(routers)}  # routers stay dense
         skip = self._not_called({name: module for name, (module, _) in found.items()})
         out = [
             TargetLayer(name, "decoder", kind, module, routed=kind in EXPERT_KINDS)

@@ -7,8 +7,9 @@ chose each token's experts. Found from structure, never from model names:
 
 * **experts module**: a module whose own 3-D parameters have a leading dimension equal to an
   expert count the config declares (``num_local_experts``, ``num_experts``, ``n_routed_experts``...);
-* **router**: the module beside it (same parent) whose 2-D ``weight`` has that many rows; it stays
-  dense (its logits decide the routing; a low-rank router would move tokens between experts);
+* **router**: the module beside it (a sibling under the same parent) holding a 2-D weight with one
+  row per expert (up to twice as many: "zero" or null experts some blocks add); every linear in it
+  stays dense (its logits decide the routing; a low-rank router would move tokens between experts);
 * **layout**: the flags transformers' experts interface sets on the module (``has_gate``,
   ``is_transposed``, ``has_bias``, ``has_post_expert_norm``; its batched and grouped kernels read the
   same flags) and its own gate function (``_apply_gate``). A fused module without them (its layout
@@ -64,7 +65,7 @@ class FusedExperts:
     path: str
     module: nn.Module
     num_experts: int
-    router: str | None
+    router: str | None  # the router's module path (None: not found; the block still routes, the split works)
     reason: str | None = None  # why it stays fused and dense (None: it can be split)
 
     @property
@@ -76,17 +77,22 @@ def _own_params(module: nn.Module) -> dict[str, nn.Parameter]:
     return dict(module.named_parameters(recurse=False))
 
 
+def _scores_experts(weight: torch.Tensor, experts: int) -> bool:
+    return weight.dim() == 2 and experts <= weight.shape[0] <= 2 * experts
+
+
 def _router_beside(model: nn.Module, path: str, module: nn.Module, experts: int) -> str | None:
-    """The sibling (same parent) whose 2-D ``weight`` has ``experts`` rows: the router feeding ``module``."""
+    """The sibling (same parent) holding a 2-D weight of one row per expert (up to twice as many rows:
+    zero / null experts): the router feeding ``module``. A weight directly on the parent counts too."""
     parent_path, _, _ = path.rpartition(".")
     parent = model.get_submodule(parent_path) if parent_path else model
+    prefix = f"{parent_path}." if parent_path else ""
     for name, child in parent.named_children():
-        weight = getattr(child, "weight", None)
-        if child is not module and isinstance(weight, torch.Tensor) and weight.dim() == 2 and weight.shape[0] == experts:
-            return f"{parent_path}.{name}" if parent_path else name
+        if child is not module and any(_scores_experts(p, experts) for p in child.parameters()):
+            return prefix + name
     for name, param in parent.named_parameters(recurse=False):
-        if param.dim() == 2 and param.shape[0] == experts:
-            return f"{parent_path}.{name}" if parent_path else name
+        if _scores_experts(param, experts):
+            return prefix + name
     return None
 
 
@@ -123,8 +129,6 @@ def find_fused_experts(model: nn.Module, config: Any = None) -> list[FusedExpert
         n = experts[0]
         router = _router_beside(model, path, module, n)
         reason = _layout_problem(module, n)
-        if reason is None and router is None:
-            reason = "no router beside it (a sibling with a weight of one row per expert)"
         if reason is None and any(p.device.type == "meta" for p in module.parameters()):
             reason = "its weights are offloaded (meta device); offloaded experts are not split"
         found.append(FusedExperts(path, module, n, router, reason))

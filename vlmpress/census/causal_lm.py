@@ -13,8 +13,9 @@ A family is **ok** only when all of this passes on its tiny model (:mod:`vlmpres
    mode's ranks, and resuming it from its saved state gives the same model.
 
 Rows record the decoder blocks found, the kinds of their linears, the share of the decoder's
-parameters that are targets, fused expert parameters and expert counts, the stage that failed and
-why. Families whose config has a vision part are image-text-to-text models (the generative VLM
+parameters that are targets (per-expert layers of split MoE experts included), expert counts, the
+per-expert layers and how many were factorised from their weights alone (too few routed tokens),
+fused expert tensors kept dense and why, the stage that failed and why. Families whose config has a vision part are image-text-to-text models (the generative VLM
 table), not rows here.
 """
 
@@ -34,10 +35,9 @@ import torch
 logger = logging.getLogger(__name__)
 
 EPS = 0.6  # random tiny weights need a loose tolerance before a factor saves parameters
-WINDOWS, SEQ_LEN = 4, 16
+WINDOWS, SEQ_LEN = 8, 32  # 256 tokens: most tiny experts (top-2 of 4) see more tokens than inputs
 ATOL = 1e-4
 MAX_TINY_PARAMS = 3_000_000  # a shrunk config above this did not shrink (an unknown size field)
-_EXPERT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts", "num_routed_experts")
 
 
 @dataclass
@@ -55,8 +55,11 @@ class CensusRow:
     kinds: dict[str, int] = field(default_factory=dict)
     decoder_params: int = 0
     targeted_params: int = 0
-    fused_expert_params: int = 0
+    fused_expert_params: int = 0  # fused 3-D expert tensors left fused (dense): their layout is not declared
+    fused_kept_reason: str = ""
     experts: int | None = None
+    expert_layers: int = 0  # per-expert layers (one per expert and matrix) among the targets
+    expert_weight_only: int = 0  # of those, factorised from the weight alone (fewer routed tokens than inputs)
     factorised: int = 0
     max_logit_diff: float | None = None
     seconds: float = 0.0
@@ -98,6 +101,9 @@ def _logits(model, ids: torch.Tensor) -> torch.Tensor:
 
 def _structure(row: CensusRow, adapter) -> list:
     """Fill the structural fields from the adapter; returns its target layers."""
+    from vlmpress.adapters.routed_experts import EXPERT_KINDS, config_expert_counts
+
+    adapter.prepare_for_compression()  # splits fused MoE experts into per-expert layers
     blocks = adapter.decoder_blocks()
     targets = adapter.target_layers()
     row.block_path = adapter._blocks.path
@@ -108,12 +114,11 @@ def _structure(row: CensusRow, adapter) -> list:
     row.targeted_params = sum(
         p.numel() for t in targets if t.kind != "head" for p in t.module.parameters()
     )
-    row.fused_expert_params = sum(p.numel() for _, b in blocks for p in b.parameters() if p.dim() == 3)
-    config = adapter.model.config
-    row.experts = next(
-        (getattr(config, k) for k in _EXPERT_KEYS if isinstance(getattr(config, k, None), int) and getattr(config, k) > 0),
-        None,
-    )
+    kept = [item for item in adapter.fused_experts if item.reason is not None]
+    row.fused_expert_params = sum(item.params for item in kept)
+    row.fused_kept_reason = kept[0].reason if kept else ""
+    row.expert_layers = sum(t.kind in EXPERT_KINDS for t in targets)
+    row.experts = max(config_expert_counts(adapter.model.config), default=None)
     return targets
 
 
@@ -200,6 +205,7 @@ def _run(row: CensusRow, family: str, work: Path, sequential: bool, stage) -> No
     cfg = CompressionConfig(model=spec, method="pgsvd", eps=EPS, device="cpu", batch_size=2, als_iters=1)
     report = compress(adapter, cfg, calib)
     row.factorised = len(report.rank_map)
+    row.expert_weight_only = report.expert_totals()["weight_only"]
     if not row.factorised:
         raise RuntimeError(f"no layer factorised at eps={EPS}")
     stage("forward")
@@ -267,21 +273,26 @@ def markdown(rows: list[dict], meta: dict) -> str:
         f"through a real round trip: PGSVD at eps={EPS} on {WINDOWS} windows of {SEQ_LEN} random token ids -> forward ->",
         "`save_compressed` -> `load_compressed` (same logits) -> `export_dense` -> stock `from_pretrained` (logits within",
         f"{ATOL:g} relative) -> sequential mode (same ranks) -> resume from its saved state (same logits). **ok** means all of it passed. *share* = targeted share of the",
-        "decoder blocks' parameters (fused 3-D expert tensors are not linear layers: they are counted, not targeted).",
+        "decoder blocks' parameters. MoE experts: fused 3-D expert tensors are split into one layer per expert and matrix and",
+        "targeted (*expert layers*; in parentheses those factorised from their weights alone because the few calibration",
+        "tokens routed to them were fewer than their inputs); *fused kept* = expert tensors whose layout is not declared,",
+        "left fused and dense (reason under *why*).",
         "",
         f"**{s['ok']} of {s['built']} families that build offline are ok ({100 * s['ok_share']:.1f} %)**; "
         f"{s['not_built']} do not build from a shrunk default config (reason given), {s['vlm']} are image-text-to-text "
         "families (vision part: generative VLM table).",
         "",
-        "| family | status | blocks | kinds | share | fused expert params | experts | failed at | why / note |",
+        "| family | status | blocks | kinds | share | experts | expert layers | fused kept | failed at | why / note |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         blocks = f"{r['blocks']} × `{r['block_path']}`" + (" (hybrid)" if r["hybrid"] else "") if r["blocks"] else "-"
-        why = "; ".join(filter(None, [r["reason"], r["note"] and f"override: {r['note']}"])).replace("|", "/")
+        kept = r.get("fused_kept_reason") and f"experts kept fused: {r['fused_kept_reason']}"
+        why = "; ".join(filter(None, [r["reason"], kept, r["note"] and f"override: {r['note']}"])).replace("|", "/")
+        layers = f"{r['expert_layers']} ({r['expert_weight_only']})" if r.get("expert_layers") else "-"
         lines.append(
             f"| {r['family']} | {r['status']} | {blocks} | {_kinds_cell(r['kinds'])} | "
-            f"{100 * r['targeted_share']:.0f} % | {r['fused_expert_params'] or '-'} | {r['experts'] or '-'} | "
+            f"{100 * r['targeted_share']:.0f} % | {r['experts'] or '-'} | {layers} | {r['fused_expert_params'] or '-'} | "
             f"{r['stage'] or '-'} | {why} |"
         )
     return "\n".join(lines) + "\n"
