@@ -260,3 +260,25 @@ def test_sequential_mode_gives_the_same_expert_ranks_and_model(dirs, tmp_path):
     assert seq_report.rank_map == report.rank_map
     assert any(".experts." in n for n in seq_report.rank_map)
     assert (_logits(seq.model) - _logits(whole.model)).abs().max() <= 1e-4
+
+
+def test_cli_compresses_an_moe_model_and_reports_its_experts(tmp_path, capsys):
+    from vlmpress.cli import main
+    from vlmpress.reference.lm import TINY_TEXT, save_tiny_causal_lm
+
+    model = save_tiny_causal_lm(tmp_path / "mixtral", "mixtral", seed=1)
+    text = tmp_path / "calib.txt"
+    text.write_text(TINY_TEXT)
+    out = tmp_path / "ckpt"
+    argv = ["compress", "--model", f"hf:{model}", "--eps-attn", "0.4", "--eps-mlp", "0.6", "--calib-text", str(text),
+            "--n-samples", "4", "--seq-len", "24", "--device", "cpu", "--out", str(out), "--export-dense", str(tmp_path / "dense")]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "MoE experts       : 16 expert layers" in printed
+    cfg = json.loads((out / "vlmpress_config.json").read_text())
+    assert cfg["compression"]["experts"]["layers"] == 16 and cfg["tolerances"] == {"attn": 0.4, "mlp": 0.6}
+    # every expert layer is in the report with the tokens routed to it; the few-token rule follows those counts
+    report = json.loads((out / "compression_report.json").read_text())
+    experts = [l for l in report["layers"] if l["kind"] in EXPERT_KINDS]
+    assert len(experts) == 16 and all(l["weight_only"] == (l["tokens"] < l["in_features"]) for l in experts)
+    assert _logits(_stock(tmp_path / "dense")).isfinite().all()

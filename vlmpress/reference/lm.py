@@ -129,10 +129,18 @@ TINY_TEXT = (
 
 
 def tiny_config(model_type: str, vocab_size: int, *, hidden: int = 32, layers: int = 2, max_positions: int = 64, **overrides):
-    """A tiny random config of a supported architecture (Llama/Mistral/Qwen2 use GQA: 4 heads, 2 kv)."""
-    from transformers import GPT2Config, LlamaConfig, MistralConfig, OPTConfig, Qwen2Config
+    """A tiny random config of a supported architecture (Llama/Mistral/Qwen2 use GQA: 4 heads, 2 kv;
+    Mixtral: 4 experts, top-2)."""
+    from transformers import GPT2Config, LlamaConfig, MistralConfig, MixtralConfig, OPTConfig, Qwen2Config
 
-    if model_type in ("llama", "mistral", "qwen2"):
+    if model_type == "mixtral":
+        cls = MixtralConfig
+        kw = dict(
+            vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_positions,
+            num_local_experts=4, num_experts_per_tok=2,
+        )
+    elif model_type in ("llama", "mistral", "qwen2"):
         cls = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config}[model_type]
         kw = dict(
             vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
