@@ -46,6 +46,26 @@ def time_call(fn, *, min_seconds: float = 1.0, max_repeats: int = 50, warmup: in
             return elapsed / n
 
 
+def interleaved_rates(calls: dict, *, rounds: int = 5, warmup: int = 1) -> dict:
+    """Median seconds per call of each callable, timed in ``rounds`` interleaved rounds.
+
+    Each round calls every function once, so a load change on a shared machine slows all of them
+    alike instead of whichever happened to be timed then; the ratios are what is compared.
+    """
+    for fn in calls.values():
+        for _ in range(warmup):
+            fn()
+    sync()
+    samples: dict = {name: [] for name in calls}
+    for _ in range(rounds):
+        for name, fn in calls.items():
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            samples[name].append(time.perf_counter() - t0)
+    return {name: sorted(s)[len(s) // 2] for name, s in samples.items()}
+
+
 def calibration_images(n: int, size: int = 224, seed: int = 0) -> list:
     """Real Caltech-101 images when ../shared has them (sorted, every k-th), else seeded noise images."""
     root = SHARED_CALTECH / "101_ObjectCategories"
