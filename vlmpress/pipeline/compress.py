@@ -544,13 +544,28 @@ def compress(
             collectors = calibrate(adapter, [layer for layer, _ in compressible], calibration, config)
     t_calib = time.perf_counter() - t0
 
+    latency_kept: dict[str, tuple] = {}
+    if config.latency_aware and compressible:
+        from vlmpress.pipeline.latency_aware import latency_aware_ranks
+
+        ranks, latency_kept, replanned = latency_aware_ranks(
+            plans, ranks, {plan.name for _, plan in compressible}, {l.name: l.weight_matrix.dtype for l in layers},
+            collectors, config, device, lambda ps, cfg: plan_ranks(ps, cfg),
+        )
+        used_tolerances, ratio = replanned.get("tolerances", used_tolerances), replanned.get("ratio", ratio)
+        compressible = [(layer, plan) for layer, plan in compressible if plan.name not in latency_kept]
+
     reports: list[LayerReport] = []
     compressible_names = {layer.name for layer, _ in compressible}
     t0 = time.perf_counter()
     for layer, plan in zip(layers, plans):
         rank = ranks[plan.name]
         tol = used_tolerances[tolerance_key(plan, used_tolerances)] if used_tolerances else None
-        if layer.name not in compressible_names:
+        if plan.name in latency_kept:
+            from vlmpress.pipeline.latency_aware import latency_dense_report
+
+            reports.append(latency_dense_report(plan, latency_kept[plan.name], tol, ratio))
+        elif layer.name not in compressible_names:
             reports.append(dense_layer_report(plan, rank, tol, ratio))
     # activation-aware solves go through the batched solver (batches of one on CPU by default: same
     # arithmetic as per-layer, and the singular vectors from rank planning are used as they are)

@@ -110,6 +110,9 @@ class CompressionConfig:
     # same-shape layers solved together (vlmpress.core.batched); None = 32 on CUDA, 1 (per layer) on CPU
     solve_batch_size: int | None = None
     rank_multiple: int = 1  # round ranks to a multiple (8 or 16: tensor-core GEMM shapes on GPU); 1 = paper
+    # deployment-aware ranks: time dense vs low-rank per layer shape on `device` at the calibration
+    # batch's rows (cached), keep layers dense where low-rank is slower, re-spend a target elsewhere
+    latency_aware: bool = False
     # --- which layers
     targets: list[str] = field(default_factory=list)  # regexes on layer names; empty = all candidates
     exclude: list[str] = field(default_factory=list)
@@ -202,6 +205,8 @@ class CompressionConfig:
             raise ConfigError(f"als_path must be one of {', '.join(ALS_PATHS)}, got {self.als_path!r}")
         if self.solve_batch_size is not None and (not _is_int(self.solve_batch_size) or self.solve_batch_size < 1):
             raise ConfigError(f"solve_batch_size must be a whole number >= 1 (or unset for the device default), got {self.solve_batch_size!r}")
+        if not isinstance(self.latency_aware, bool):
+            raise ConfigError(f"latency_aware must be true or false, got {self.latency_aware!r}")
         if not _is_int(self.als_max_iters) or self.als_max_iters < 1:
             raise ConfigError(f"als_max_iters must be a whole number >= 1, got {self.als_max_iters!r}")
         if self.rank_multiple < 1:

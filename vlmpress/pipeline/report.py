@@ -98,6 +98,11 @@ class CompressionReport:
     def dense_layers(self) -> dict[str, str]:
         return {layer.name: layer.status for layer in self.layers if layer.rank is None}
 
+    @property
+    def latency_dense_layers(self) -> list[str]:
+        """Layers kept dense by ``--latency-aware`` because their factorisation ran slower."""
+        return [layer.name for layer in self.layers if layer.rank is None and layer.status.startswith("dense (latency")]
+
     def summary(self) -> dict[str, Any]:
         """The block stored in ``vlmpress_config.json`` and in evaluation results."""
         return {
@@ -116,6 +121,7 @@ class CompressionReport:
             "groups": self.group_totals(),
             "n_layers_compressed": len(self.rank_map),
             "n_layers_dense": len(self.dense_layers),
+            "latency_dense_layers": self.latency_dense_layers,
             "calibration": self.calibration,
             "seconds": self.seconds,
             "coverage": self.coverage,
@@ -235,8 +241,12 @@ class CompressionReport:
             f"whole model       : {self.whole_model_params_before:,} -> {self.whole_model_params_after:,} params "
             f"({100 * self.whole_model_reduction:.2f}% removed)"
         )
-        if self.dense_layers:
-            lines.append(f"kept dense        : {len(self.dense_layers)} layers whose rank would not save parameters")
+        latency = self.latency_dense_layers
+        if len(self.dense_layers) > len(latency):
+            lines.append(f"kept dense        : {len(self.dense_layers) - len(latency)} layers whose rank would not save parameters")
+        if latency:
+            shown = ", ".join(latency[:4]) + (f" (+{len(latency) - 4} more)" if len(latency) > 4 else "")
+            lines.append(f"kept dense        : {len(latency)} layers where low-rank ran slower on the device: {shown}")
         for hit in self.bound_hits():
             lines.append(f"WARNING           : {hit}")
         skipped = (self.calibration or {}).get("skipped_images")
