@@ -36,12 +36,13 @@ from vlmpress.adapters.base import ModelAdapter, replace_module, weight_matrix
 from vlmpress.core.lowrank import LowRankLinear
 from vlmpress.errors import CheckpointError, ConfigError, UnknownModelSpecError
 from vlmpress.io import atomic_write_json, library_versions
+from vlmpress.pipeline.quantize import apply_quantization_map, quantization_map
 
 logger = logging.getLogger(__name__)
 
 CONFIG_NAME = "vlmpress_config.json"
 WEIGHTS_NAME = "model.safetensors"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: quantised factors ("quantization" entry); unquantised checkpoints are still written as 1
 
 
 def _is_int(value: Any) -> bool:
@@ -89,6 +90,18 @@ def _check_format_version(value: Any) -> str | None:
     return None
 
 
+def _check_quantization(value: Any) -> str | None:
+    from vlmpress.core.quantize import SCHEMES
+
+    if not isinstance(value, dict) or value.get("scheme") not in SCHEMES[1:]:
+        return f"must give a scheme ({', '.join(SCHEMES[1:])}), got {value!r}"
+    if not _is_int(value.get("group_size", 64)) or not isinstance(value.get("layers"), list) or not all(
+        isinstance(n, str) and n for n in value["layers"]
+    ):
+        return "must give an integer group_size and a list of layer names"
+    return None
+
+
 def _check_str(value: Any) -> str | None:
     return None if isinstance(value, str) and value else f"must be a non-empty string, got {value!r}"
 
@@ -108,6 +121,7 @@ CONFIG_SCHEMA: dict[str, tuple[bool, Any]] = {
     "dense_layers": (False, _check_dense_layers),
     "file_sha256": (False, _check_hashes),
     "adapter_origin": (False, _check_str),
+    "quantization": (False, _check_quantization),
 }
 
 
@@ -129,6 +143,9 @@ def validate_checkpoint_config(config: Any, path: str | Path = CONFIG_NAME) -> d
             f"<= {FORMAT_VERSION}); upgrade vlmpress to load it"
         )
     shapes = config.get("layer_shapes") or {}
+    unranked = [n for n in (config.get("quantization") or {}).get("layers", []) if n not in config["ranks"]]
+    if unranked:
+        raise CheckpointError(f"{path} is invalid: quantised layer '{unranked[0]}' has no rank")
     for name, rank in config["ranks"].items():
         if name in shapes and rank > min(shapes[name]):
             raise CheckpointError(f"{path} is invalid: rank {rank} of layer '{name}' exceeds its shape {shapes[name]}")
@@ -326,8 +343,9 @@ def save_compressed(
         if hasattr(adapter, "save_preprocessing"):
             adapter.save_preprocessing(tmp)
         hashes = {p.name: file_sha256(p) for p in sorted(tmp.iterdir()) if p.is_file() and not p.name.startswith(".")}
+        quantization = quantization_map(adapter.model)
         config = {
-            "format_version": FORMAT_VERSION,
+            "format_version": FORMAT_VERSION if quantization else 1,  # readable by older vlmpress unless quantised
             "model_spec": adapter.spec,
             "family": adapter.family,
             "adapter_origin": adapter_origin(adapter.family),
@@ -342,6 +360,7 @@ def save_compressed(
             "recipe": report.config,
             "versions": library_versions(),
             "file_sha256": hashes,
+            **({"quantization": quantization} if quantization else {}),
             **(extra or {}),
         }
         validate_checkpoint_config(json.loads(json.dumps(config, default=str)))  # never write what load refuses
@@ -439,6 +458,8 @@ def load_compressed(directory: str | Path, *, device: str | torch.device = "cpu"
     adapter.spec = config.get("model_spec", adapter.spec)
     adapter.prepare_for_compression()
     apply_rank_map(adapter, config["ranks"], config.get("layer_shapes"))
+    if config.get("quantization"):
+        apply_quantization_map(adapter.model, config["quantization"])
     try:
         state = load_file(str(weights))
     except (SafetensorError, OSError, ValueError) as err:
@@ -460,7 +481,12 @@ def load_compressed(directory: str | Path, *, device: str | torch.device = "cpu"
                 f"tensor '{key}' has shape {tuple(tensor.shape)} in {weights} but {tuple(expected[key].shape)} "
                 "in the architecture described by the config (mismatched or corrupt checkpoint)"
             )
-        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+        if tensor.dtype != expected[key].dtype and not (tensor.is_floating_point() and expected[key].is_floating_point()):
+            raise CheckpointError(
+                f"tensor '{key}' is {tensor.dtype} in {weights} but {expected[key].dtype} in the architecture "
+                "described by the config (mismatched quantisation or corrupt checkpoint)"
+            )
+        if tensor.is_floating_point() and not torch.isfinite(tensor.float() if tensor.element_size() == 1 else tensor).all():
             raise CheckpointError(f"tensor '{key}' in {weights} holds NaN/inf values (corrupt checkpoint)")
     adapter.model.load_state_dict(state, strict=not shared)
     adapter.model.to(device)

@@ -594,6 +594,10 @@ def compress(
                 )
                 progress.update()
     t_factor = time.perf_counter() - t0
+    if config.quantize != "none":
+        from vlmpress.pipeline.quantize import quantize_compressed
+
+        quantize_compressed(adapter, layers, reports, config, collectors)
     return finish_report(
         adapter, config, layers, reports, used_tolerances, ratio, whole_before, calibration,
         {"spectra": t_spectra, "calibration": t_calib, "factorisation": t_factor, "total": time.perf_counter() - t_start},

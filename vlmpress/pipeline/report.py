@@ -31,6 +31,8 @@ class LayerReport:
     tokens: int | None = None  # calibration tokens seen by the layer
     seconds: float = 0.0
     als_iters: int | None = None  # ALS rounds run (None: not an ALS solve)
+    quant_weight_error: float | None = None  # ||W - A_q B_q|| / ||W|| with quantised factors
+    quant_act_error: float | None = None  # ||(W - A_q B_q) X|| / ||W X|| with quantised factors
 
     @property
     def shape(self) -> str:
@@ -249,6 +251,15 @@ class CompressionReport:
             lines.append(f"kept dense        : {len(latency)} layers where low-rank ran slower on the device: {shown}")
         for hit in self.bound_hits():
             lines.append(f"WARNING           : {hit}")
+        quantized = [l for l in self.layers if l.quant_weight_error is not None]
+        if quantized:
+            scheme = (self.config or {}).get("quantize", "?")
+            act = [l for l in quantized if l.quant_act_error is not None and l.act_error is not None]
+            errors = (
+                f"; mean activation error {sum(l.quant_act_error for l in act) / len(act):.4f} "
+                f"(low-rank alone {sum(l.act_error for l in act) / len(act):.4f})" if act else ""
+            )
+            lines.append(f"quantised         : {scheme} factors in {len(quantized)} layers{errors}")
         skipped = (self.calibration or {}).get("skipped_images")
         if skipped:
             lines.append(
