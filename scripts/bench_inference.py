@@ -43,6 +43,9 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds (median reported)")
     p.add_argument("--fast-path", action="store_true", help="also time each reduction on the fused inference path")
     p.add_argument("--stock-dense", action="store_true", help="also time dense with stock nn.MultiheadAttention")
+    p.add_argument("--compile", action="store_true",
+                   help="time every variant under torch.compile (inductor, weights frozen: bias/activation epilogues fused)")
+    p.add_argument("--towers", nargs="+", default=["image", "text"], choices=["image", "text"])
     p.add_argument("--device", default="auto")
     args = p.parse_args()
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else ("cpu" if args.device == "auto" else args.device))
@@ -77,21 +80,32 @@ def main() -> None:
     for dtype in dtypes:
         for name, v in variants.items():
             v.model.to(device=device, dtype=dtype).eval()
-        for tower in ("image", "text"):
+        for tower in args.towers:
             for bs in args.batch_sizes:
                 calls = {}
                 for name, v in variants.items():
                     if tower == "image":
                         x = pixels[:bs].to(device=device, dtype=dtype)
-                        calls[name] = lambda v=v, x=x: v.encode_image(x)
+                        fn = compiled(v.model.encode_image) if args.compile else v.encode_image
+                        calls[name] = lambda fn=fn, x=x: fn(x)
                     else:
                         t = tokens[:bs].to(device) if isinstance(tokens, torch.Tensor) else {k: val[:bs].to(device) for k, val in tokens.items()}
-                        calls[name] = lambda v=v, t=t: v.encode_text(t)
+                        fn = compiled(v.model.encode_text) if args.compile else v.encode_text
+                        calls[name] = lambda fn=fn, t=t: fn(t)
                 with torch.no_grad():
                     rates = {name: bs / seconds for name, seconds in interleaved_rates(calls, rounds=args.rounds).items()}
                 ratios = " ".join(f"{rates[n] / rates['dense']:>8.2f}" for n in variants if n != "dense")
                 print(f"{str(dtype).replace('torch.', ''):<9} {tower:<6} {bs:>5} "
                       + " ".join(f"{rates[n]:>12.1f}" for n in variants) + " " + ratios, flush=True)
+
+
+def compiled(fn):
+    """``torch.compile`` with inductor's weight freezing (constant-folded, prepacked weights and
+    fused bias / activation epilogues; inference under no_grad only)."""
+    import torch._inductor.config as inductor_config
+
+    inductor_config.freezing = True
+    return torch.compile(fn)
 
 
 def fast_variant(compressed, dense):

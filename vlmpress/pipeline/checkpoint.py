@@ -340,6 +340,7 @@ def save_compressed(
     tmp = Path(tempfile.mkdtemp(prefix=f"{_temp_prefix(out)}{os.getpid()}.", suffix=".tmp", dir=out.parent))
     try:
         save_model(adapter.model, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "producer": "vlmpress"})
+        report.footprint = {**(report.footprint or {}), "bytes_on_disk": (tmp / WEIGHTS_NAME).stat().st_size}
         if hasattr(adapter, "save_preprocessing"):
             adapter.save_preprocessing(tmp)
         hashes = {p.name: file_sha256(p) for p in sorted(tmp.iterdir()) if p.is_file() and not p.name.startswith(".")}

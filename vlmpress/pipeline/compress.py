@@ -42,6 +42,8 @@ from vlmpress.core.solvers import (
 )
 from vlmpress.errors import CalibrationError, ConfigError
 from vlmpress.pipeline.report import CompressionReport, LayerReport
+from vlmpress.pipeline.footprint import model_footprint
+from vlmpress.deploy.footprint import tensor_bytes_by_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -501,6 +503,7 @@ def compress(
     device = resolve_device(config.device)
     layers = select_layers(adapter, config)
     whole_before = count_parameters(adapter.model)
+    bytes_before = tensor_bytes_by_dtype(adapter.model)
 
     plans = [layer_plan(layer) for layer in layers]
     keep_vectors = needs_singular_vectors(config, device)
@@ -598,10 +601,13 @@ def compress(
         from vlmpress.pipeline.quantize import quantize_compressed
 
         quantize_compressed(adapter, layers, reports, config, collectors)
-    return finish_report(
+    report = finish_report(
         adapter, config, layers, reports, used_tolerances, ratio, whole_before, calibration,
         {"spectra": t_spectra, "calibration": t_calib, "factorisation": t_factor, "total": time.perf_counter() - t_start},
     )
+    first_batch = (lambda group: next(iter(_calibration_batches(adapter, group, calibration, config)))) if calibration is not None else None
+    report.footprint = model_footprint(adapter, bytes_before, first_batch, config.batch_size)
+    return report
 
 
 def finish_report(

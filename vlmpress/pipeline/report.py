@@ -57,6 +57,8 @@ class CompressionReport:
     config: dict[str, Any] = field(default_factory=dict)
     #: per tower: linear params, targeted share, layers kept dense (untargeted linears, convolutions)
     coverage: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: bytes: tensor bytes by dtype before/after, peak forward memory per group, bytes on disk (at save)
+    footprint: dict[str, Any] = field(default_factory=dict)
 
     # ------------------------------------------------------------------ totals
     def group_totals(self) -> dict[str, dict[str, Any]]:
@@ -128,6 +130,7 @@ class CompressionReport:
             "seconds": self.seconds,
             "coverage": self.coverage,
             "bound_hits": self.bound_hits(),
+            "footprint": self.footprint,
         }
 
     def bound_hits(self) -> list[str]:
@@ -225,6 +228,23 @@ class CompressionReport:
             return f", eps={values.pop():.4f}"
         return ", eps " + ", ".join(f"{kind}={value:.4f}" for kind, value in sorted(used.items()))
 
+    def footprint_lines(self) -> list[str]:
+        """Bytes and memory lines of the summary (empty when not measured)."""
+        from vlmpress.deploy.footprint import format_bytes
+
+        fp = self.footprint or {}
+        if not fp:
+            return []
+        by_dtype = ", ".join(f"{k} {format_bytes(v)}" for k, v in fp.get("tensor_bytes_by_dtype_after", {}).items())
+        lines = [
+            f"bytes             : {format_bytes(fp['tensor_bytes_before'])} -> {format_bytes(fp['tensor_bytes_after'])} "
+            f"in tensors ({by_dtype})" + (f"; {format_bytes(fp['bytes_on_disk'])} on disk" if "bytes_on_disk" in fp else "")
+        ]
+        if fp.get("peak_forward_bytes"):
+            peaks = ", ".join(f"{g} {format_bytes(v)}" for g, v in fp["peak_forward_bytes"].items())
+            lines.append(f"peak forward mem  : {peaks} (batch {fp['peak_forward_batch']}, {fp['peak_forward_device']}, above the weights)")
+        return lines
+
     def format_summary(self) -> str:
         """Group and model totals (what ``vlmpress compress -q`` prints)."""
         lines = []
@@ -260,6 +280,7 @@ class CompressionReport:
                 f"(low-rank alone {sum(l.act_error for l in act) / len(act):.4f})" if act else ""
             )
             lines.append(f"quantised         : {scheme} factors in {len(quantized)} layers{errors}")
+        lines += self.footprint_lines()
         skipped = (self.calibration or {}).get("skipped_images")
         if skipped:
             lines.append(
