@@ -118,14 +118,16 @@ def test_compress_quantize_reports_errors_and_checkpoint_round_trips(tmp_path, s
         assert torch.equal(loaded.encode_image(x), before)
 
 
-def test_quantized_checkpoint_is_smaller(tmp_path):
+def test_quantized_checkpoint_is_smaller_with_the_same_parameter_count(tmp_path):
     calib = toy_calibration()
-    sizes = {}
+    sizes, params = {}, {}
     for scheme in ("none", "int8"):
         adapter = ToyAdapter.load("toy:3")
         report = compress(adapter, CompressionConfig(method="svd_llm", ratio=0.3, device="cpu", quantize=scheme), calib)
         sizes[scheme] = (save_compressed(adapter, tmp_path / scheme, report) / "model.safetensors").stat().st_size
+        params[scheme] = report.whole_model_params_after
     assert sizes["int8"] < sizes["none"]
+    assert params["int8"] == params["none"]  # quantised codes still count as the layer's weights
 
 
 def test_bad_quantize_inputs_give_one_clear_line(tmp_path, capsys):
@@ -158,3 +160,23 @@ def test_fp8_factors_on_a_capable_gpu(tmp_path):
     loaded = load_compressed(save_compressed(adapter, tmp_path / "fp8", report), device="cuda")
     with torch.no_grad():
         assert torch.equal(loaded.encode_image(x), before)
+
+
+def test_quantized_open_clip_runs_both_towers():
+    """open_clip reads ``mlp.c_fc.weight.dtype`` in encode_text: quantised layers answer it."""
+    from vlmpress.testing.factories import lowrank_by_svd, tiny_open_clip
+    from vlmpress.adapters.base import replace_module
+
+    adapter = tiny_open_clip(seed=1)
+    adapter.prepare_for_compression()
+    names = [n for n, m in adapter.model.named_modules() if isinstance(m, torch.nn.Linear)]
+    lowrank_by_svd(adapter.model, names, 6)
+    tokens = adapter.tokenize(["a cat", "a dog"])
+    with torch.no_grad():
+        before = adapter.encode_text(tokens)
+        for name in names:
+            replace_module(adapter.model, name, QuantizedLowRankLinear.from_lowrank(adapter.model.get_submodule(name), "int8"))
+        layer = adapter.model.get_submodule(names[-1])
+        assert layer.weight.dtype == torch.float32 and layer.weight.shape == (layer.out_features, layer.in_features)
+        after = adapter.encode_text(tokens)
+    assert (after - before).norm() / before.norm() < 0.05

@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vlmpress.core.lowrank import FactoredWeight
+
 SCHEMES = ("none", "int8", "int4", "fp8")
 INT4_GROUP_SIZES = (32, 64, 128)
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
@@ -135,6 +137,29 @@ class QuantizedWeight(nn.Module):
         return f"{self.scheme}, shape={self.shape}{group}"
 
 
+class DequantizedWeight(FactoredWeight):
+    """``layer.weight`` of a quantised layer: answers ``dtype``/``device``/``shape`` without
+    dequantising (open_clip reads ``mlp.c_fc.weight.dtype`` on every ``encode_text``); the dtype is
+    the one the layer computes in (its scales follow ``model.to(dtype)``)."""
+
+    __slots__ = ()
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._layer.compute_dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self._layer.bias.device if self._layer.bias is not None else self._layer.scale_device
+
+    @property
+    def requires_grad(self) -> bool:
+        return False
+
+    def materialize(self) -> torch.Tensor:
+        return self._layer.dense_weight(self.dtype)
+
+
 class QuantizedLowRankLinear(nn.Module):
     """``LowRankLinear`` with quantised factors: ``(x B^T) A^T + bias`` with A, B dequantised per call."""
 
@@ -160,6 +185,18 @@ class QuantizedLowRankLinear(nn.Module):
     def dense_weight(self, dtype: torch.dtype = torch.float64) -> torch.Tensor:
         return self.A.dequantize(dtype) @ self.B.dequantize(dtype)
 
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return self.A.scale.dtype
+
+    @property
+    def scale_device(self) -> torch.device:
+        return self.A.scale.device
+
+    @property
+    def weight(self) -> DequantizedWeight:
+        return DequantizedWeight(self)
+
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"
 
@@ -183,6 +220,20 @@ class QuantizedLinear(nn.Module):
 
     def dense_weight(self, dtype: torch.dtype = torch.float64) -> torch.Tensor:
         return self.qweight.dequantize(dtype)
+
+    rank = None  # dense (for DequantizedWeight's repr)
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return self.qweight.scale.dtype
+
+    @property
+    def scale_device(self) -> torch.device:
+        return self.qweight.scale.device
+
+    @property
+    def weight(self) -> DequantizedWeight:
+        return DequantizedWeight(self)
 
 
 def activation_error(W: torch.Tensor, W_hat: torch.Tensor, M: torch.Tensor) -> float:

@@ -57,13 +57,16 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
 
 
 def count_parameters(module: torch.nn.Module) -> int:
-    """Distinct parameters of a module (tied weights counted once)."""
+    """Distinct parameters of a module (tied weights counted once); a quantised matrix counts its
+    elements (its codes are buffers, but they are the layer's weights)."""
+    from vlmpress.core.quantize import QuantizedWeight
+
     seen, total = set(), 0
     for p in module.parameters():
         if id(p) not in seen:
             seen.add(id(p))
             total += p.numel()
-    return total
+    return total + sum(m.shape[0] * m.shape[1] for m in module.modules() if isinstance(m, QuantizedWeight))
 
 
 def _layer_bias(module: torch.nn.Module) -> torch.Tensor | None:
