@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import platform
 import time
 from pathlib import Path
 
@@ -14,16 +13,10 @@ SHARED_CALTECH = Path(__file__).resolve().parents[1].parent / "shared" / "datase
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    from vlmpress.deploy.latency import cpu_model
+
     gpu = f" | GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
-    return f"{cpu} | {os.cpu_count()} CPUs | torch {torch.__version__} ({torch.get_num_threads()} threads){gpu}"
+    return f"{cpu_model()} | {os.cpu_count()} CPUs | torch {torch.__version__} ({torch.get_num_threads()} threads){gpu}"
 
 
 def sync() -> None:

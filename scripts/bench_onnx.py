@@ -59,7 +59,8 @@ def main() -> None:
         for name, adapter in (("dense", dense), ("compressed", compressed)):
             for graph in export_onnx(adapter, Path(tmp) / name):
                 sessions[(name, graph.path.stem)] = ort.InferenceSession(str(graph.path), options, providers=["CPUExecutionProvider"])
-                print(f"# exported {name} {graph.path.name}: {graph.path.stat().st_size / 2**20:.1f} MiB", flush=True)
+                size = sum(f.stat().st_size for f in graph.path.parent.glob(graph.path.name + "*"))  # + external data
+                print(f"# exported {name} {graph.path.name}: {size / 2**20:.1f} MiB", flush=True)
         print(f"\n{'tower':<14} {'batch':>5} {'dense /s':>10} {'compressed /s':>14} {'ratio':>7}")
         for tower, feed in (("image_encoder", {"pixels": pixels.numpy()}), ("text_encoder", {"tokens": tokens.numpy()})):
             calls = {name: (lambda s=sessions[(name, tower)]: s.run(None, feed)) for name in ("dense", "compressed")}

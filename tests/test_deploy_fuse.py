@@ -14,7 +14,7 @@ from vlmpress.deploy.fuse import (
     fuse_shared_inputs,
     unfuse,
 )
-from vlmpress.testing.factories import lowrank_by_svd, tiny_open_clip
+from vlmpress.testing.factories import lowrank_by_svd, tiny_lowrank_open_clip
 
 
 def _lr(n_in, n_out, r, seed):
@@ -37,11 +37,7 @@ class TwoInputs(nn.Module):
 
 @pytest.fixture(scope="module")
 def compressed_clip():
-    adapter = tiny_open_clip(seed=3)
-    adapter.prepare_for_compression()
-    names = [n for n, m in adapter.model.named_modules() if isinstance(m, nn.Linear)]
-    lowrank_by_svd(adapter.model, names, 6)
-    return adapter
+    return tiny_lowrank_open_clip(seed=3)
 
 
 def _clip_sample(adapter):

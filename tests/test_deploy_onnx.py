@@ -3,7 +3,6 @@
 import copy
 
 import pytest
-import torch
 from torch import nn
 
 pytest.importorskip("onnxscript")
@@ -11,18 +10,14 @@ ort = pytest.importorskip("onnxruntime")
 
 from vlmpress.cli import main as cli_main  # noqa: E402
 from vlmpress.deploy.onnx import export_onnx, fuse_for_export, verify_onnx  # noqa: E402
-from vlmpress.testing.factories import lowrank_by_svd, tiny_open_clip  # noqa: E402
+from vlmpress.testing.factories import lowrank_by_svd, tiny_lowrank_open_clip  # noqa: E402
 
 pytestmark = pytest.mark.slow  # each export traces the model (~10-30 s on 2 cores)
 
 
 @pytest.fixture(scope="module")
 def compressed_clip():
-    adapter = tiny_open_clip(seed=4)
-    adapter.prepare_for_compression()
-    names = [n for n, m in adapter.model.named_modules() if isinstance(m, nn.Linear)]
-    lowrank_by_svd(adapter.model, names, 6)
-    return adapter
+    return tiny_lowrank_open_clip(seed=4)
 
 
 def test_clip_towers_export_with_dynamic_batch_and_match_pytorch(compressed_clip, tmp_path):
@@ -60,8 +55,19 @@ def test_quantized_decoder_lm_exports(tmp_path):
 
 
 def test_export_onnx_command_on_a_checkpoint(tmp_path, capsys):
-    from toy_adapter import toy_calibration  # noqa: F401  (registers the toy family)
+    from vlmpress.pipeline.checkpoint import save_compressed
+    from vlmpress.pipeline.compress import compress
+    from vlmpress.pipeline.config import CompressionConfig
+    from vlmpress.testing.factories import tiny_open_clip
 
+    adapter = tiny_open_clip(seed=5)
+    report = compress(adapter, CompressionConfig(method="svd", ratio=0.4, device="cpu", quantize="int8"))
+    ckpt = save_compressed(adapter, tmp_path / "ckpt", report)
+    code = cli_main(["export-onnx", "--model", str(ckpt), "--out", str(tmp_path / "onnx"), "--fuse"])
+    out = capsys.readouterr().out
+    assert code == 0 and (tmp_path / "onnx" / "image_encoder.onnx").is_file() and (tmp_path / "onnx" / "text_encoder.onnx").is_file()
+    assert out.count("max |onnxruntime - torch|") == 2
+    # a path that is no checkpoint: one line, exit 2
     code = cli_main(["export-onnx", "--model", str(tmp_path / "missing"), "--out", str(tmp_path / "o")])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "Traceback" not in err[0]

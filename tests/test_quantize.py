@@ -164,13 +164,11 @@ def test_fp8_factors_on_a_capable_gpu(tmp_path):
 
 def test_quantized_open_clip_runs_both_towers():
     """open_clip reads ``mlp.c_fc.weight.dtype`` in encode_text: quantised layers answer it."""
-    from vlmpress.testing.factories import lowrank_by_svd, tiny_open_clip
+    from vlmpress.testing.factories import tiny_lowrank_open_clip
     from vlmpress.adapters.base import replace_module
 
-    adapter = tiny_open_clip(seed=1)
-    adapter.prepare_for_compression()
-    names = [n for n, m in adapter.model.named_modules() if isinstance(m, torch.nn.Linear)]
-    lowrank_by_svd(adapter.model, names, 6)
+    adapter = tiny_lowrank_open_clip(seed=1)
+    names = [n for n, m in adapter.model.named_modules() if isinstance(m, LowRankLinear)]
     tokens = adapter.tokenize(["a cat", "a dog"])
     with torch.no_grad():
         before = adapter.encode_text(tokens)

@@ -7,7 +7,6 @@ import contextlib
 import logging
 from typing import Any, Callable
 
-import torch
 
 from vlmpress.deploy.footprint import peak_forward_bytes, tensor_bytes_by_dtype
 from vlmpress.errors import VlmpressError
