@@ -40,8 +40,9 @@ def test_int8_is_per_channel_symmetric_within_half_a_step():
 
 @pytest.mark.parametrize("group", [32, 64, 128])
 def test_int4_is_group_wise_and_packs_two_values_per_byte(group):
-    W = _weight()  # 100 columns: padded to whole groups
+    W = _weight()  # 100 columns: padded to whole groups; a row shorter than a group is one group
     t = quantize(W, "int4", group)
+    group = min(group, 100)
     groups = -(-100 // group)
     assert t["qdata"].dtype == torch.uint8 and t["qdata"].shape == (24, groups * group // 2)
     assert t["scale"].shape == (24, groups)
@@ -54,6 +55,19 @@ def test_int4_is_group_wise_and_packs_two_values_per_byte(group):
     if group == 32:
         coarse = dequantize(*quantize(W, "int4", 128).values(), "int4", W.shape, torch.float64, 128)
         assert (W - W_hat).norm() < (W - coarse).norm()
+
+
+def test_int4_of_a_low_rank_factor_stores_no_padding_group():
+    """A factor A (out x rank) with rank < group: one group per row of its own length (+1 if odd),
+    so int4 stays about half of int8's bytes instead of storing mostly padding."""
+    A = torch.randn(48, 9, dtype=torch.float64)
+    t = quantize(A, "int4", 64)
+    assert t["qdata"].shape == (48, 5) and t["scale"].shape == (48, 1)
+    A_hat = dequantize(t["qdata"], t["scale"], "int4", A.shape, torch.float64, 64)
+    assert A_hat.shape == A.shape and (A - A_hat).abs().max() <= t["scale"].double().max() / 2 + 1e-7
+    int8 = quantize(A, "int8")
+    int4_bytes = sum(v.numel() * v.element_size() for v in t.values())
+    assert int4_bytes < sum(v.numel() * v.element_size() for v in int8.values())
 
 
 def test_fp8_storage_and_bad_schemes():

@@ -60,6 +60,12 @@ def check_scheme_supported(scheme: str, device: torch.device | str) -> None:
         )
 
 
+def int4_group(in_features: int, group_size: int) -> int:
+    """The group an int4 row is cut into: ``group_size``, or the whole (even-padded) row when it is
+    shorter -- low ranks (a factor ``A`` has ``rank`` inputs) would otherwise store mostly padding."""
+    return min(group_size, in_features + in_features % 2)
+
+
 def _row_scale(W: torch.Tensor, qmax: float) -> torch.Tensor:
     # zero rows get scale 1 (their values quantise to 0 exactly): never a division by zero
     amax = W.abs().amax(dim=-1, keepdim=True)
@@ -80,6 +86,7 @@ def quantize(W: torch.Tensor, scheme: str, group_size: int = 64) -> dict[str, to
         scale = _row_scale(W, FP8_MAX)
         return {"qdata": (W / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn), "scale": scale.squeeze(1).float()}
     out_f, in_f = W.shape
+    group_size = int4_group(in_f, group_size)
     padded = math.ceil(in_f / group_size) * group_size
     Wp = F.pad(W, (0, padded - in_f)).reshape(out_f, padded // group_size, group_size)
     scale = _row_scale(Wp, 7.0)  # (out, groups, 1)
@@ -95,6 +102,7 @@ def dequantize(
     out_f, in_f = shape
     if scheme in ("int8", "fp8"):
         return (qdata.to(dtype) * scale.to(dtype).unsqueeze(1)).reshape(out_f, in_f)
+    group_size = int4_group(in_f, group_size)
     low = (qdata & 0x0F).to(torch.int8) - 8
     high = (qdata >> 4).to(torch.int8) - 8
     q = torch.stack((low, high), dim=-1).reshape(out_f, -1, group_size)
@@ -108,6 +116,7 @@ def storage_shapes(scheme: str, shape: tuple[int, int], group_size: int = 64) ->
         return {"qdata": ((out_f, in_f), torch.int8), "scale": ((out_f,), torch.float32)}
     if scheme == "fp8":
         return {"qdata": ((out_f, in_f), torch.float8_e4m3fn), "scale": ((out_f,), torch.float32)}
+    group_size = int4_group(in_f, group_size)
     groups = math.ceil(in_f / group_size)
     return {"qdata": ((out_f, groups * group_size // 2), torch.uint8), "scale": ((out_f, groups), torch.float32)}
 

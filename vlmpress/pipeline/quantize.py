@@ -76,3 +76,30 @@ def apply_quantization_map(model, qmap: dict) -> None:
             module.bias,
         )
         replace_module(model, name, shell)
+
+
+def quantize_dense_layers(
+    adapter, layers: list[TargetLayer], scheme: str, group_size: int = 64, collectors: dict | None = None
+) -> list[dict]:
+    """Quantise the weights of the (still dense) target layers in place: the dense baseline at
+    equal bytes. Returns one row per layer with its weight error and, given calibration
+    covariances, its activation error ``||(W - W_q) X|| / ||W X||``."""
+    from vlmpress.core.quantize import QuantizedLinear
+
+    rows = []
+    for layer in layers:
+        module = adapter.model.get_submodule(layer.name)
+        if isinstance(module, (LowRankLinear, QuantizedLowRankLinear, QuantizedLinear)):
+            continue  # factorised or already quantised: not a dense layer any more
+        W = layer.weight_matrix.detach()
+        check_scheme_supported(scheme, W.device)
+        quantized = QuantizedLinear.from_linear(module, scheme, group_size)
+        W_hat = quantized.dense_weight().to(W.device)
+        row = {"name": layer.name, "weight_error": float((W.double() - W_hat).norm() / W.double().norm()) if W.abs().sum() > 0 else 0.0}
+        collector = (collectors or {}).get(layer.group)
+        if collector is not None:
+            row["act_error"] = activation_error(W, W_hat, collector.covariance(layer.name))
+        replace_module(adapter.model, layer.name, quantized)
+        rows.append(row)
+    logger.info("quantised %d dense layers to %s", len(rows), scheme)
+    return rows
