@@ -130,6 +130,19 @@ def test_compress_quantize_reports_errors_and_checkpoint_round_trips(tmp_path, s
     assert isinstance(loaded.model.get_submodule(name), QuantizedLowRankLinear)
     with torch.no_grad():
         assert torch.equal(loaded.encode_image(x), before)
+    assert loaded.checkpoint_config["format_version"] == 3  # quantised: the format that records it
+
+    # a quantisation entry under an older format is a crafted or corrupt config: refused, one line
+    import json
+
+    from vlmpress.errors import CheckpointError
+
+    cfg_path = out / "vlmpress_config.json"
+    data = json.loads(cfg_path.read_text())
+    data["format_version"] = 2
+    cfg_path.write_text(json.dumps(data))
+    with pytest.raises(CheckpointError, match="needs format_version 3"):
+        load_compressed(out)
 
 
 def test_quantized_checkpoint_is_smaller_with_the_same_parameter_count(tmp_path):
