@@ -282,3 +282,16 @@ def test_cli_compresses_an_moe_model_and_reports_its_experts(tmp_path, capsys):
     experts = [l for l in report["layers"] if l["kind"] in EXPERT_KINDS]
     assert len(experts) == 16 and all(l["weight_only"] == (l["tokens"] < l["in_features"]) for l in experts)
     assert _logits(_stock(tmp_path / "dense")).isfinite().all()
+
+
+def test_quantised_factors_of_an_expert_that_saw_no_token(dirs):
+    """--quantize measures activation errors from the covariances; an expert without tokens has none."""
+    adapter = HFCausalLMAdapter.load(f"hf:{dirs['gpt_oss']}")
+    with torch.no_grad():
+        adapter.model.model.layers[0].mlp.router.bias[3] = -1e4  # expert 3 of block 0 is never chosen
+    report = compress(adapter, _config(eps=0.5, quantize="int8"), _calibration(windows=8, seq_len=32))
+    rows = {r.name: r for r in report.layers}
+    silent = rows["model.layers.0.mlp.experts.gate_up.3"]
+    assert silent.tokens == 0 and silent.quant_weight_error is not None and silent.quant_act_error is None
+    assert rows["model.layers.0.mlp.experts.gate_up.0"].quant_act_error is not None
+    assert torch.isfinite(_logits(adapter.model)).all()
