@@ -3,6 +3,8 @@ every supported transformers dual-encoder family, built on the meta device (no w
 
     python scripts/zoo_table.py                 # writes eval/zoo/zoo.json and eval/zoo/README.md
     python scripts/zoo_table.py --only RN50 convnext_tiny --out /tmp/zoo
+    python scripts/zoo_table.py --causal-lm     # eval/zoo/causal_lm.{json,md}: every transformers causal-LM
+                                                # family through a real tiny compress/save/load/export round trip
 
 A tower is *covered* when it has targets holding >= 90 % of its linear parameters and every target
 is called as a module in a meta-device forward pass (so calibration hooks and low-rank layers work).
@@ -82,8 +84,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "eval" / "zoo"))
     parser.add_argument("--only", nargs="*", help="survey only these open_clip configs (and no HF families)")
     parser.add_argument("--no-forward", action="store_true", help="skip the meta forward-pass check")
+    parser.add_argument("--causal-lm", nargs="*", metavar="FAMILY",
+                        help="census of transformers causal-LM families (all when none is named) instead of open_clip")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.ERROR)
+    if args.causal_lm is not None:
+        return causal_lm_main(args.causal_lm, Path(args.out))
     import open_clip
     import timm
     import transformers
@@ -108,6 +114,34 @@ def main(argv: list[str] | None = None) -> int:
     bad = [r for r in rows if r["status"] == "partial" and r["source"] == "open_clip"]
     print(f"{len(rows)} models surveyed, {sum(r['status'] == 'ok' for r in rows)} ok, {len(bad)} partial -> {out}")
     return 1 if bad else 0
+
+
+def causal_lm_main(families: list[str], out: Path) -> int:
+    """Run the causal-LM census (vlmpress.census.causal_lm) and write causal_lm.json / causal_lm.md."""
+    import torch
+    import transformers
+    from transformers.utils import logging as hf_logging
+
+    from vlmpress.census.causal_lm import causal_lm_families, census_family, markdown, summarize
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    torch.set_num_threads(1)  # tiny matrices: threads only add overhead
+    t0 = time.perf_counter()
+    rows = [census_family(f).to_dict() for f in tqdm(families or causal_lm_families(), desc="causal LM")]
+    meta = {
+        "date": time.strftime("%Y-%m-%d"),
+        "transformers": transformers.__version__,
+        "torch": torch.__version__,
+        "seconds": time.perf_counter() - t0,
+        "machine": f"{_cpu_name()}, {os.cpu_count()} cores",
+    }
+    summary = summarize(rows)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "causal_lm.json", json.dumps({"meta": meta, "summary": summary, "rows": rows}, indent=1) + "\n")
+    atomic_write_text(out / "causal_lm.md", markdown(rows, meta))
+    print(f"{summary['ok']} of {summary['built']} causal-LM families that build are ok -> {out}")
+    return 0
 
 
 if __name__ == "__main__":

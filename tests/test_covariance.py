@@ -94,9 +94,36 @@ def test_mask_excludes_positions_batch_and_sequence_first():
         with cov.mask(valid):
             lin(x.transpose(0, 1).contiguous())
     torch.testing.assert_close(cov.covariance("lin"), kept.T @ kept)
+    bad = torch.ones(3, 3, dtype=torch.bool)
+    bad[0, 0] = False
     with CovarianceCollector({"lin": lin}) as cov:
-        with cov.mask(torch.ones(3, 3, dtype=torch.bool)), pytest.raises(CalibrationError, match="mask"):
+        with cov.mask(bad), pytest.raises(CalibrationError, match="mask"):
             lin(x)
+    # an all-true mask keeps every row whatever the layout (ProphetNet's n-gram streams: (batch, 3 * seq))
+    with CovarianceCollector({"lin": lin}, accumulate_dtype="float64") as cov:
+        with cov.mask(torch.ones(3, 3, dtype=torch.bool)):
+            lin(x)
+    flat = x.reshape(-1, 4).double()
+    torch.testing.assert_close(cov.covariance("lin"), flat.T @ flat)
+
+
+def test_mask_follows_singleton_axes_and_per_token_groups():
+    torch.manual_seed(3)
+    lin = nn.Linear(4, 3)
+    x = torch.randn(2, 5, 4)
+    valid = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
+    kept = x[valid].double()
+    with CovarianceCollector({"lin": lin}, accumulate_dtype="float64") as cov:  # MLA latent: (batch, 1, seq, dim)
+        with cov.mask(valid):
+            lin(x[:, None])
+    torch.testing.assert_close(cov.covariance("lin"), kept.T @ kept)
+    groups = torch.randn(2, 5, 3, 4)  # (batch, seq, groups, dim): every group of a real token counts
+    with CovarianceCollector({"lin": lin}, accumulate_dtype="float64") as cov:
+        with cov.mask(valid):
+            lin(groups)
+    rows = groups[valid].reshape(-1, 4).double()
+    torch.testing.assert_close(cov.covariance("lin"), rows.T @ rows)
+    assert cov.token_count("lin") == 8 * 3
 
 
 def test_missing_layer_is_named():
@@ -156,3 +183,24 @@ def test_sandwich_equals_the_direct_product_and_is_exactly_symmetric(shape):
         torch.testing.assert_close(K, ref, rtol=1e-12, atol=1e-10)
         assert bool((K == K.mT).all())
         torch.testing.assert_close(sandwich(C[0], M[0], min_width=min_width), K[0], rtol=1e-12, atol=1e-10)
+
+
+def test_routed_rows_select_the_real_tokens_of_a_routed_input():
+    """An expert sees rows ``index`` of the flattened (batch, seq) tokens: a (batch, seq) mask must
+    select those of them that are real, and a layer no token reached may be optional."""
+    from vlmpress.core.covariance import routed_rows
+
+    torch.manual_seed(0)
+    expert, unused = nn.Linear(4, 3), nn.Linear(4, 3)
+    hidden = torch.randn(2, 5, 4)
+    valid = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 0]], dtype=torch.bool)
+    index = torch.tensor([0, 3, 4, 6, 9])  # flattened rows routed to this expert (3, 4, 9 are padding)
+    collector = CovarianceCollector({"expert": expert, "unused": unused}, accumulate_dtype="float64", optional=["unused"])
+    with collector, collector.mask(valid), routed_rows(index, 10):
+        expert(hidden.reshape(10, 4)[index])
+    rows = hidden.reshape(10, 4)[torch.tensor([0, 6])].double()
+    assert collector.token_count("expert") == 2
+    assert torch.allclose(collector.covariance("expert"), rows.T @ rows)
+    collector.check_complete()  # 'unused' got no token but is optional
+    with pytest.raises(CalibrationError, match="unused"):
+        CovarianceCollector({"expert": expert, "unused": unused}).check_complete()

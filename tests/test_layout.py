@@ -24,6 +24,7 @@ ALLOWED: dict[str, set[str]] = {
     "adapters": {"core", "data", "io", "errors"},
     "pipeline": {"deploy", "adapters", "data", "core", "io", "errors"},
     "reference": {"adapters", "data", "core", "io", "errors"},
+    "census": {"pipeline", "deploy", "adapters", "data", "core", "io", "errors"},
     "evaluation": {"pipeline", "deploy", "reference", "adapters", "data", "core", "io", "errors"},
     "testing": {"evaluation", "pipeline", "deploy", "reference", "adapters", "data", "core", "io", "errors"},
     "api": {"pipeline", "adapters", "data", "core", "io", "errors"},

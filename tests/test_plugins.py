@@ -158,8 +158,10 @@ def test_unsupported_hf_model_lists_what_is_supported(tmp_path):
     with pytest.raises(UnknownModelSpecError) as err:
         adapter_for_spec(f"hf:{tmp_path / 'bert'}")
     text = str(err.value)
-    assert "architecture 'bert'" in text and "altclip (hf_altclip)" in text and "llama" in text
-    assert "vlmpress.adapters" in text
+    assert "architecture 'bert'" in text and "altclip (hf_altclip)" in text and "is_decoder=true" in text
+    for base in ("HFDualEncoderAdapter", "HFGenerativeVLMAdapter", "HFCausalLMAdapter"):  # all three bases named
+        assert f"vlmpress.adapters.{base}" in text
+    assert "entry-point group 'vlmpress.adapters'" in text and len(text.splitlines()) == 1
 
 
 def test_causal_lm_adapter_refuses_configs_with_a_vision_part():

@@ -2,8 +2,9 @@
 
 Owns the adapter interface (:mod:`~vlmpress.adapters.base`), structural layer discovery
 (:mod:`~vlmpress.adapters.discovery`), the registry that maps a model spec to an adapter class
-(:mod:`~vlmpress.adapters.registry`: built-ins, ``@register_adapter`` and entry-point plugins) and one
-module per family (open_clip, HF dual encoders, HF causal LMs, HF generative VLMs).
+(:mod:`~vlmpress.adapters.registry`: built-ins, ``@register_adapter`` and entry-point plugins), one
+module per family (open_clip, HF dual encoders, HF causal LMs, HF generative VLMs), and the per-expert
+form of fused MoE experts (:mod:`~vlmpress.adapters.routed_experts`).
 
 May import :mod:`vlmpress.core`, :mod:`vlmpress.data`, :mod:`vlmpress.io` and :mod:`vlmpress.errors`;
 never the pipeline, evaluation or commands (loading a *compressed* checkpoint lives in
@@ -30,18 +31,27 @@ from vlmpress.adapters.registry import (
 )
 
 
-def __getattr__(name: str):
-    # the public dual-encoder base, imported on first use (it needs torch/transformers helpers only)
-    if name == "HFDualEncoderAdapter":
-        from vlmpress.adapters.hf_dual_encoder import HFDualEncoderAdapter
+#: the public transformers bases, imported on first use (they need torch/transformers helpers only)
+_LAZY_BASES = {
+    "HFDualEncoderAdapter": "vlmpress.adapters.hf_dual_encoder",
+    "HFCausalLMAdapter": "vlmpress.adapters.hf_causal_lm",
+    "HFGenerativeVLMAdapter": "vlmpress.adapters.hf_llava",
+}
 
-        return HFDualEncoderAdapter
+
+def __getattr__(name: str):
+    if name in _LAZY_BASES:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY_BASES[name]), name)
     raise AttributeError(name)
 
 
 __all__ = [
     "ENTRY_POINT_GROUP",
+    "HFCausalLMAdapter",
     "HFDualEncoderAdapter",
+    "HFGenerativeVLMAdapter",
     "ModelAdapter",
     "TargetLayer",
     "VisionLanguageAdapter",

@@ -1,10 +1,15 @@
-"""Decoder-only causal LMs from ``transformers``: Llama, Mistral, Qwen2, OPT and GPT-2.
+"""Causal LMs from ``transformers``: every family with an ``AutoModelForCausalLM`` class and no vision part.
 
-Spec: ``hf:<name-or-dir>``; the architecture comes from the checkpoint's ``config.json``
-(``model_type``), so a local directory works offline. Targets are every linear layer inside the
-decoder blocks -- attention (q/k/v/o, or GPT-2's packed ``c_attn`` as one layer) and MLP
-(gate/up/down, fc1/fc2) -- in one group ``decoder`` with kinds ``attn``/``mlp`` (the paper's
-clustered allocation: one tolerance per class of layer). An untied ``lm_head`` is a candidate too
+Spec: ``hf:<name-or-dir>``; the architecture comes from the checkpoint's ``config.json``, so a local
+directory works offline. The decoder blocks and the kind of every linear in them are found from the
+module tree (:mod:`vlmpress.adapters.decoder_discovery`, no table of model names): targets are every
+linear layer a causal forward calls inside the blocks -- attention (q/k/v/o, packed ``c_attn`` /
+``query_key_value`` as one layer, MLA's low-rank projections), MLP (gate/up/down, fc1/fc2, shared
+experts) and ``other`` (Mamba / SSM projections) -- in one group ``decoder`` (the paper's clustered
+allocation: one tolerance per kind). Fused MoE experts (transformers 5's 3-D expert tensors) are split
+into one linear per expert and matrix by :meth:`prepare_for_compression`
+(:mod:`vlmpress.adapters.routed_experts`): kinds ``expert_gate_up`` / ``expert_up`` / ``expert_down``,
+each calibrated on the tokens routed to it. Routers stay dense. An untied ``lm_head`` is a candidate too
 but excluded by default (:attr:`HFCausalLMAdapter.default_exclude`; name it in ``targets`` to
 compress it). Embeddings are not linear layers and are never factorised.
 
@@ -17,6 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -24,27 +30,21 @@ import torch
 from torch import nn
 
 from vlmpress.adapters.base import ModelAdapter, TargetLayer, replace_module
+from vlmpress.adapters.decoder_discovery import bidirectional_reason, block_linears, find_block_list, uncalled_layers
+from vlmpress.adapters.routed_experts import EXPERT_KINDS, FusedExperts, fuse_experts, restore_split, split_experts
 from vlmpress.core.lowrank import LowRankLinear
+from vlmpress.adapters.unsupported import UnsupportedArchitectureError, unsupported_message
 from vlmpress.errors import CheckpointError, ConfigError, UnknownModelSpecError
 
 logger = logging.getLogger(__name__)
 
-#: model_type -> dotted path of the decoder block list
-BLOCK_PATHS: dict[str, str] = {
-    "llama": "model.layers",
-    "mistral": "model.layers",
-    "qwen2": "model.layers",
-    "opt": "model.decoder.layers",
-    "gpt2": "transformer.h",
-}
-SUPPORTED_MODEL_TYPES: tuple[str, ...] = tuple(BLOCK_PATHS)
-
-#: path components that mark a layer as part of attention
-_ATTN_PARTS = {"self_attn", "attn", "attention", "self_attention"}
 
 
-class UnsupportedArchitectureError(UnknownModelSpecError):
-    """An ``hf:`` checkpoint whose architecture this adapter does not know."""
+def causal_lm_class_name(model_type: str | None) -> str | None:
+    """The ``AutoModelForCausalLM`` class transformers maps ``model_type`` to (None: no causal-LM class)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    return MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model_type) if isinstance(model_type, str) else None
 
 
 def _model_name(spec: str) -> str:
@@ -89,6 +89,17 @@ def _is_conv1d(module: nn.Module) -> bool:
     return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
 
 
+def _under_inner_list(model: nn.Module, name: str, block_path: str) -> bool:
+    """True when ``name`` lies under an ``nn.ModuleList`` inside its decoder block (e.g. routed experts)."""
+    parts = name[len(block_path) + 1 :].split(".")[1:-1]  # below the block index, above the layer
+    module = model.get_submodule(f"{block_path}.{name[len(block_path) + 1 :].split('.')[0]}")
+    for part in parts:
+        module = module[int(part)] if part.isdigit() else getattr(module, part)
+        if isinstance(module, nn.ModuleList):
+            return True
+    return False
+
+
 def _max_positions(config: Any) -> int | None:
     for attr in ("max_position_embeddings", "n_positions", "n_ctx"):
         value = config.get(attr) if isinstance(config, dict) else getattr(config, attr, None)
@@ -123,38 +134,41 @@ class HFCausalLMAdapter(ModelAdapter):
     group_modality = {"decoder": "tokens"}
     #: layers dropped unless ``targets`` is given (embeddings are never candidates: not linear)
     default_exclude: ClassVar[tuple[str, ...]] = (r"(^|\.)lm_head$", r"(^|\.)embed")
-    supported_model_types: ClassVar[tuple[str, ...]] = SUPPORTED_MODEL_TYPES
-
     def __init__(self, model: nn.Module, spec: str, tokenizer: Any = None):
         super().__init__(model, spec)
         self.tokenizer = tokenizer
         self.model_type: str = model.config.model_type
-        if self.model_type not in BLOCK_PATHS:
-            raise UnsupportedArchitectureError(self._unsupported_message(self.model_type, spec))
+        blocks = find_block_list(model, model.config)
+        reason = bidirectional_reason(model.config, model) or (
+            None if blocks is not None else "its module tree holds no list of decoder blocks (an nn.ModuleList of "
+            "modules with linear layers)"
+        )
+        if reason:
+            raise UnsupportedArchitectureError(unsupported_message(spec, self.model_type, reason))
+        self._blocks = blocks
+        self._uncalled: set[str] | None = None  # filled by the first target_layers() (a probe forward)
+        self.fused_experts: list[FusedExperts] = []  # filled by prepare_for_compression
+        head = model.get_output_embeddings()
+        head_name = next((n for n, m in model.named_modules() if m is head), None) if head is not None else None
+        if head_name and head_name != "lm_head":  # e.g. BERT-style cls.predictions.decoder: also kept dense by default
+            self.default_exclude = (*type(self).default_exclude, rf"^{re.escape(head_name)}$")
         # remembered before compression replaces them: export writes these back as Conv1D
         self._conv1d_layers = {name for name, m in model.named_modules() if _is_conv1d(m)}
 
     # ------------------------------------------------------------------ discovery / loading
-    @staticmethod
-    def _unsupported_message(model_type: str | None, spec: str) -> str:
-        return (
-            f"model '{spec}' has architecture '{model_type}', which vlmpress cannot compress as a causal LM; "
-            f"supported model types: {', '.join(SUPPORTED_MODEL_TYPES)}"
-        )
-
     @classmethod
     def accepts(cls, spec: str) -> bool:
-        """An ``hf:`` spec whose config names a supported causal LM and has no vision part.
+        """An ``hf:`` spec whose config names a family with a causal-LM class and has no vision part.
 
         Configs with a vision part (``vision_config``, ``visual``...) belong to vision-language
-        adapters; unsupported architectures are reported by the registry with what is supported.
+        adapters. Whether the model really is a decoder is decided from its structure when it is built.
         """
         if not isinstance(spec, str) or not spec.startswith("hf:") or not spec[3:].strip():
             return False
         config = read_model_config(spec[3:].strip())
-        if config is None or has_vision_part(config):
+        if config is None or has_vision_part(config) or bidirectional_reason(config):
             return False
-        return config.get("model_type") in BLOCK_PATHS
+        return causal_lm_class_name(config.get("model_type")) is not None
 
     @classmethod
     def load(
@@ -180,8 +194,13 @@ class HFCausalLMAdapter(ModelAdapter):
                 f"cannot read a model config for '{spec}': not a local directory with config.json and not in the "
                 "Hugging Face cache (nothing is downloaded here)"
             )
-        if config.get("model_type") not in BLOCK_PATHS or has_vision_part(config):
-            raise UnsupportedArchitectureError(cls._unsupported_message(config.get("model_type"), spec))
+        why = (
+            "it has a vision part" if has_vision_part(config)
+            else "transformers has no AutoModelForCausalLM class for it" if causal_lm_class_name(config.get("model_type")) is None
+            else bidirectional_reason(config)
+        )
+        if why:
+            raise UnsupportedArchitectureError(unsupported_message(spec, config.get("model_type"), why))
         dtype = _resolve_dtype(torch_dtype) or torch.float32
         load_kwargs = dict(kwargs)
         if device_map is not None:
@@ -244,8 +263,10 @@ class HFCausalLMAdapter(ModelAdapter):
         if problem:
             return problem
         model_config = config.get("config")
-        if not isinstance(model_config, dict) or model_config.get("model_type") not in BLOCK_PATHS:
-            return f"'config' must be a transformers config of a supported model type ({', '.join(BLOCK_PATHS)})"
+        if not isinstance(model_config, dict) or not isinstance(model_config.get("model_type"), str):
+            return "'config' must be a transformers config (a mapping with a 'model_type')"
+        if causal_lm_class_name(model_config["model_type"]) is None:
+            return f"'config' names model type {model_config['model_type']!r}, which has no AutoModelForCausalLM class"
         return saved_dtype_problem(config.get("dtype"))
 
     def save_preprocessing(self, out_dir: str | Path) -> None:
@@ -259,19 +280,56 @@ class HFCausalLMAdapter(ModelAdapter):
         return _max_positions(self.model.config)
 
     def decoder_blocks(self) -> list[tuple[str, nn.Module]]:
-        """(dotted path, module) of every decoder block, in execution order."""
-        path = BLOCK_PATHS[self.model_type]
-        blocks = self.model.get_submodule(path)
-        return [(f"{path}.{i}", block) for i, block in enumerate(blocks)]
+        """(dotted path, module) of every decoder block, in execution order (found from the module tree)."""
+        blocks = self.model.get_submodule(self._blocks.path)  # looked up again: blocks may have been replaced
+        return [(f"{self._blocks.path}.{i}", block) for i, block in enumerate(blocks)]
+
+    #: tokens of the probe forward that finds layers not called as modules
+    PROBE_TOKENS: ClassVar[int] = 16
+
+    def _not_called(self, found: dict[str, nn.Module]) -> set[str]:
+        """Layers of ``found`` a short probe forward does not call as modules (computed once).
+
+        Skipped (nothing excluded) when weights are offloaded (meta), where a probe would load them all.
+        """
+        if self._uncalled is None:
+            if any(p.device.type == "meta" for p in self.model.parameters()):
+                self._uncalled = set()
+            else:
+                ids = torch.arange(self.PROBE_TOKENS).remainder(max(2, self.model.config.vocab_size - 1)).add(1)[None]
+                with torch.no_grad():
+                    was_training = self.model.training
+                    self.model.eval()
+                    try:
+                        self._uncalled = uncalled_layers(found, lambda: self.forward_tokens({"input_ids": ids}, logits=False))
+                    finally:
+                        self.model.train(was_training)
+                # a routed expert kept in a ModuleList may just not be reached by a short probe
+                self._uncalled = {n for n in self._uncalled if not _under_inner_list(self.model, n, self._blocks.path)}
+                if self._uncalled:
+                    logger.info("%d linear layers are not called as modules and stay dense, e.g. %s",
+                                len(self._uncalled), sorted(self._uncalled)[0])
+        return self._uncalled
+
+    def prepare_for_compression(self) -> None:
+        """Split fused MoE experts into per-expert linears (same outputs; idempotent)."""
+        found = split_experts(self.model, self.model.config)
+        known = {item.path for item in self.fused_experts}
+        self.fused_experts += [item for item in found if item.path not in known]
 
     def target_layers(self) -> list[TargetLayer]:
-        out: list[TargetLayer] = []
+        found: dict[str, tuple[nn.Module, str]] = {}
         for prefix, block in self.decoder_blocks():
-            for name, module in block.named_modules():
-                if not (isinstance(module, nn.Linear) or _is_conv1d(module)):
-                    continue
-                kind = "attn" if _ATTN_PARTS.intersection(name.split(".")) else "mlp"
-                out.append(TargetLayer(f"{prefix}.{name}", "decoder", kind, module))
+            for name, module, kind in block_linears(block):
+                if isinstance(module, nn.Linear) or _is_conv1d(module):  # not layers compressed already
+                    found[f"{prefix}.{name}"] = (module, kind)
+        routers = tuple(f"{item.router}." for item in self.fused_experts if item.router)
+        found = {name: v for name, v in found.items() if not f"{name}.".startswith(routers)}  # routers stay dense
+        skip = self._not_called({name: module for name, (module, _) in found.items()})
+        out = [
+            TargetLayer(name, "decoder", kind, module, routed=kind in EXPERT_KINDS)
+            for name, (module, kind) in found.items() if name not in skip
+        ]
         head = self.model.get_output_embeddings()
         if isinstance(head, nn.Linear) and not self._head_is_tied():
             name = next(n for n, m in self.model.named_modules() if m is head)
@@ -357,21 +415,25 @@ class HFCausalLMAdapter(ModelAdapter):
         return module.to_dense()
 
     def export_dense(self, out_dir: str | Path) -> None:
-        """Merge every LowRankLinear (GPT-2: back into Conv1D layout), ``save_pretrained``, restore.
+        """Merge every LowRankLinear (GPT-2: back into Conv1D layout; split experts: back into the
+        stock fused tensors), ``save_pretrained``, restore.
 
         The compressed modules are put back afterwards, so the adapter stays compressed.
         """
         swapped: list[tuple[str, nn.Module]] = []
+        split: list = []
         try:
             for name, module in list(self.model.named_modules()):
                 if isinstance(module, LowRankLinear):
                     swapped.append((name, replace_module(self.model, name, self._dense_module(name, module))))
+            split = fuse_experts(self.model)
             self.model.save_pretrained(str(out_dir), safe_serialization=True)
         finally:
+            restore_split(self.model, split)
             for name, module in swapped:
                 replace_module(self.model, name, module)
         if self.tokenizer is not None:
             self.tokenizer.save_pretrained(str(out_dir))
 
 
-__all__ = ["HFCausalLMAdapter", "SUPPORTED_MODEL_TYPES", "has_vision_part", "UnsupportedArchitectureError", "read_model_config"]
+__all__ = ["HFCausalLMAdapter", "causal_lm_class_name", "has_vision_part", "UnsupportedArchitectureError", "read_model_config"]

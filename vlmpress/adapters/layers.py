@@ -19,13 +19,20 @@ class TargetLayer:
 
     name: str
     group: str
-    kind: str  # "attn" | "mlp" | "other"
+    kind: str  # "attn" | "mlp" | "other" | "head" | "expert_gate_up" | "expert_up" | "expert_down"
     module: nn.Module
+    #: sees only the tokens a router sends it (an MoE expert): it may get few or no calibration tokens
+    routed: bool = False
 
     @property
     def weight_matrix(self) -> torch.Tensor:
         """The layer's weight as an (out x in) matrix (GPT-2 Conv1D stores it transposed)."""
         return weight_matrix(self.module)
+
+
+#: kinds that take a broader kind's tolerance when none is given for them (MoE experts are MLPs:
+#: ``--eps-mlp`` covers them unless a tolerance names the expert kind itself)
+KIND_PARENTS: dict[str, str] = {"expert_gate_up": "mlp", "expert_up": "mlp", "expert_down": "mlp"}
 
 
 def weight_matrix(module: nn.Module) -> torch.Tensor:

@@ -28,12 +28,10 @@ from contextlib import contextmanager
 from importlib import metadata
 
 from vlmpress.adapters.base import ModelAdapter
+from vlmpress.adapters.unsupported import ENTRY_POINT_GROUP, UnsupportedArchitectureError, unsupported_message
 from vlmpress.errors import UnknownModelSpecError
 
 logger = logging.getLogger(__name__)
-
-#: entry-point group through which installed packages provide adapters
-ENTRY_POINT_GROUP = "vlmpress.adapters"
 
 # family -> "module:ClassName"; imported lazily so a missing optional dependency only affects its family
 _BUILTIN: dict[str, str] = {
@@ -216,15 +214,12 @@ def _hf_unsupported(spec: str) -> UnknownModelSpecError:
             f"cannot use model spec '{spec}': its transformers config could not be read ({first}). Pass a local "
             "directory with config.json, or a hub name that is cached (downloading needs internet)."
         )
-    from vlmpress.adapters.hf_causal_lm import SUPPORTED_MODEL_TYPES, UnsupportedArchitectureError
-
-    return UnsupportedArchitectureError(
-        f"model '{spec}' has architecture '{model_type}', which no installed vlmpress adapter supports. "
-        f"Dual encoders: {_supported_hf_types()}; causal LMs (text only), supported model types: "
-        f"{', '.join(SUPPORTED_MODEL_TYPES)}. To add one, subclass vlmpress.adapters.HFDualEncoderAdapter "
-        f"(or ModelAdapter) and register it under the entry-point group '{ENTRY_POINT_GROUP}' "
-        "(see docs/adapters.md)."
+    reason = (
+        f"it is neither a dual encoder (built in: {_supported_hf_types()}), a generative vision-language model "
+        "nor a causal LM (a text-only family with an AutoModelForCausalLM class, configured as a decoder: "
+        "masked-LM families need is_decoder=true)"
     )
+    return UnsupportedArchitectureError(unsupported_message(spec, model_type, reason))
 
 
 __all__ = [

@@ -6,6 +6,11 @@ argument is the layer input (``nn.Linear``, GPT-2's ``Conv1D``, ``LowRankLinear`
 (q/k/v projections) share one accumulator, so the product is computed once. Hooks are removed on
 exit from the ``with`` block, also when the forward raises.
 
+Routed layers (MoE experts) see only the tokens a router sends them: the routing module states
+which rows of the flattened batch an input holds (:func:`routed_rows`), so a (batch, seq) mask of
+real tokens still selects the right rows, and such layers may be declared ``optional`` (an expert
+no calibration token reached is no error).
+
 Precision: ``accumulate_dtype="float64"`` casts X to float64 before the product (exact, ~2x slower on
 CPU); ``"float32"`` (default) forms each batch's product in float32 and adds it to a float64 running
 sum, so rounding never grows with the number of batches.
@@ -15,7 +20,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator, Mapping
+import threading
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Callable
 
 import torch
@@ -27,6 +33,22 @@ logger = logging.getLogger(__name__)
 
 _ACCUMULATE_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 _TRIANGLE_MIN_WIDTH = 1024  # from this input width the product skips the lower block triangle
+_ROUTED = threading.local()  # rows of the flattened batch that the current routed input holds
+
+
+@contextlib.contextmanager
+def routed_rows(index: torch.Tensor, total: int) -> Iterator[None]:
+    """Inputs made in this block hold rows ``index`` of a flattened batch of ``total`` tokens.
+
+    A routing module (MoE experts) wraps each expert's call in it, so that a collector's (batch, seq)
+    mask selects the routed tokens that are real (padding is routed too, and must not count).
+    """
+    previous = getattr(_ROUTED, "value", None)
+    _ROUTED.value = (index, total)
+    try:
+        yield
+    finally:
+        _ROUTED.value = previous
 
 
 def gram(rows: torch.Tensor, min_width: int = _TRIANGLE_MIN_WIDTH) -> torch.Tensor:
@@ -97,6 +119,7 @@ class CovarianceCollector:
         accumulate_dtype: str = "float32",
         storage_device: torch.device | str | None = None,
         share_inputs: bool = True,
+        optional: Iterable[str] = (),
     ):
         if not modules:
             raise CalibrationError("no layers to calibrate (the target selection matched nothing)")
@@ -106,6 +129,7 @@ class CovarianceCollector:
         self.compute_dtype = _ACCUMULATE_DTYPES[accumulate_dtype]
         self.storage_device = torch.device(storage_device) if storage_device is not None else None
         self.share_inputs = share_inputs
+        self.optional = set(optional)  # layers that may receive no token (routed experts)
         self._sums: dict[str, torch.Tensor] = {}
         self._tokens: dict[str, int] = {}
         self._calls: dict[str, int] = {name: 0 for name in self.modules}
@@ -114,6 +138,7 @@ class CovarianceCollector:
         self._last_input: torch.Tensor | None = None
         self._last_owner: str | None = None
         self._mask: torch.Tensor | None = None
+        self._mask_all = False  # the current mask keeps every position
         self._handles: list = []
         self._released: set[str] = set()
 
@@ -153,12 +178,13 @@ class CovarianceCollector:
         ``valid`` is a bool tensor matching the input's leading dims, e.g. (batch, seq); a
         sequence-first layer's (seq, batch) layout is recognised and transposed.
         """
-        previous = self._mask
+        previous = self._mask, self._mask_all
         self._mask = None if valid is None else valid.to(torch.bool)
+        self._mask_all = self._mask is not None and bool(self._mask.all())
         try:
             yield
         finally:
-            self._mask = previous
+            self._mask, self._mask_all = previous
 
     def _make_hook(self, name: str) -> Callable:
         def hook(module: nn.Module, args: tuple) -> None:
@@ -174,9 +200,19 @@ class CovarianceCollector:
         if self._mask is None:
             return flat
         lead = tuple(x.shape[:-1])
+        if self._mask_all:  # every position is real: nothing to select, whatever the layout
+            return flat
         mask = self._mask.to(x.device)
+        routed = getattr(_ROUTED, "value", None)
+        if routed is not None and len(lead) == 1 and mask.numel() == routed[1] and lead[0] == routed[0].numel():
+            return flat[mask.reshape(-1)[routed[0].to(x.device)]]  # the routed tokens' own validity
+        squeezed = tuple(d for d in lead if d != 1)
         if tuple(mask.shape) == lead:
             keep = mask.reshape(-1)
+        elif mask.dim() == 2 and 1 not in mask.shape and squeezed == tuple(mask.shape):
+            keep = mask.reshape(-1)  # singleton axes inserted (MLA's (batch, 1, seq) latent): same row-major order
+        elif mask.dim() == 2 and lead[:2] == tuple(mask.shape):
+            keep = mask.reshape(*mask.shape, *([1] * (len(lead) - 2))).expand(lead).reshape(-1)  # per-token groups
         elif mask.dim() == 2 and tuple(mask.mT.shape) == lead:
             keep = mask.mT.reshape(-1)
         elif len(lead) == 1 and mask.numel() == lead[0]:  # tokens flattened row-major (OPT's MLP: (b*s, d))
@@ -226,8 +262,8 @@ class CovarianceCollector:
         return self._leader.get(name, name)
 
     def missing(self) -> list[str]:
-        """Layers that received no (unmasked) token at all."""
-        return [n for n in self.modules if self._tokens.get(self._owner(n), 0) == 0]
+        """Layers that received no (unmasked) token at all (``optional`` ones are not missing)."""
+        return [n for n in self.modules if n not in self.optional and self._tokens.get(self._owner(n), 0) == 0]
 
     def check_complete(self) -> None:
         missing = self.missing()

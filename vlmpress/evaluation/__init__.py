@@ -10,7 +10,8 @@ Main entry points::
     write_record(make_record(result, model="open_clip:ViT-B-16/openai", adapter=adapter), "results/")
     print(build_table(read_records("results/results.jsonl")).to_markdown())
 
-``plot_accuracy_vs_reduction`` lives in :mod:`vlmpress.evaluation.plots` (imports matplotlib lazily).
+``plot_accuracy_vs_reduction`` lives in :mod:`vlmpress.evaluation.plots` (imports matplotlib lazily);
+how compression changes an MoE model's expert routing in :mod:`vlmpress.evaluation.routing`.
 """
 
 from vlmpress.evaluation.metrics import (

@@ -19,6 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from vlmpress.adapters.base import ModelAdapter, TargetLayer, replace_module, select_targets
+from vlmpress.adapters.layers import KIND_PARENTS
 from vlmpress.pipeline.rank_plan import (
     LayerPlan,
     ranks_from_ratio,
@@ -49,6 +50,10 @@ logger = logging.getLogger(__name__)
 
 SVD_CACHE_BYTES = 4 * 2**30  # keep singular vectors from rank planning for the solvers up to this size
 SOLVE_BATCH_BYTES = 2**30  # float64 working memory of one batched solve
+#: a routed layer (MoE expert) that saw fewer calibration tokens than this many per input feature is
+#: factorised from its weight alone (plain SVD at its planned rank): X X^T of fewer tokens than inputs
+#: is singular, and an activation-aware solve would drop every input direction those tokens missed
+ROUTED_MIN_TOKENS_PER_INPUT = 1.0
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -149,6 +154,10 @@ def check_groups_have_targets(
             if not dense_by_default:
                 given.setdefault(group, what)
     kinds = {layer.kind for layer in candidates} | {"attn", "mlp"}
+
+    def covers(layer: TargetLayer, key: str) -> bool:  # a kind's tolerance also reaches its child kinds
+        return key in (layer.kind, KIND_PARENTS.get(layer.kind))
+
     for key, what in given.items():
         if key in adapter.groups:
             if any(layer.group == key for layer in selected):
@@ -157,9 +166,9 @@ def check_groups_have_targets(
             found = inventory.describe() if inventory is not None else f"{sum(l.group == key for l in candidates)} candidate layers"
             where = f"group '{key}'"
         elif key in kinds:
-            if any(layer.kind == key for layer in selected):
+            if any(covers(layer, key) for layer in selected):
                 continue
-            found = f"{sum(l.kind == key for l in candidates)} candidate layers of kind '{key}'"
+            found = f"{sum(covers(l, key) for l in candidates)} candidate layers of kind '{key}'"
             where = f"layer kind '{key}'"
         else:
             raise ConfigError(
@@ -312,11 +321,14 @@ def factorise_layer(
     tokens: int | None,
     svd: tuple | None = None,
     extra_seconds: float = 0.0,
+    weight_only: bool = False,
 ) -> LayerReport:
     """Factorise one layer with the config's solver and swap in a LowRankLinear (shared by all modes).
 
     ``svd``: the layer's cached spectrum from :func:`layer_spectrum` (singular values and the smaller
     side's vectors, or a tall weight's :class:`WeightGram`), or a full ``(U, S, Vh)``.
+    ``weight_only``: a routed layer with too few tokens (:func:`weight_only_layers`): plain SVD at
+    ``rank``, its covariance (if any) only measures the activation error.
     """
     W = layer.weight_matrix.detach()
     t_layer = time.perf_counter()
@@ -326,12 +338,12 @@ def factorise_layer(
     elif svd is not None and len(svd) == 2:
         svd = full_svd(W.to(device), *svd)
     result = factorize(
-        config.solver, W, rank, M, device=device, iters=config.als_iters, tol=config.als_tol,
+        "svd" if weight_only else config.solver, W, rank, M, device=device, iters=config.als_iters, tol=config.als_tol,
         max_iters=config.als_max_iters, path=als_path(config, device), svd=svd, gram=weight_gram,
     )
     return install_factors(
         adapter, layer, plan, result, tol=tol, ratio=ratio, tokens=tokens,
-        seconds=time.perf_counter() - t_layer + extra_seconds,
+        seconds=time.perf_counter() - t_layer + extra_seconds, weight_only=weight_only,
     )
 
 
@@ -345,6 +357,7 @@ def install_factors(
     ratio: float | None,
     tokens: int | None,
     seconds: float,
+    weight_only: bool = False,
 ) -> LayerReport:
     """Swap a LowRankLinear built from ``result`` in for ``layer``; its report row."""
     W = layer.weight_matrix
@@ -357,7 +370,7 @@ def install_factors(
         plan.name, plan.group, plan.kind, plan.out_features, plan.in_features, result.rank, "compressed",
         plan.dense_params, new.num_parameters(), tol, ratio, result.weight_rel_error,
         result.act_rel_error_init, result.act_rel_error, tokens, seconds,
-        als_iters=result.info.get("iters") if result.method == "als" else None,
+        als_iters=result.info.get("iters") if result.method == "als" else None, weight_only=weight_only,
     )
 
 
@@ -452,6 +465,15 @@ def _calibration_batches(adapter: ModelAdapter, group: str, calibration: Any, co
     raise ConfigError(f"adapter {adapter.family} declares unknown modality '{modality}' for group '{group}'")
 
 
+def weight_only_layers(layers: Iterable[TargetLayer], token_count) -> set[str]:
+    """Routed layers (MoE experts) that saw fewer than ``ROUTED_MIN_TOKENS_PER_INPUT`` calibration
+    tokens per input feature (``token_count(name)``): they are factorised from their weight alone."""
+    return {
+        layer.name for layer in layers
+        if layer.routed and token_count(layer.name) < ROUTED_MIN_TOKENS_PER_INPUT * layer.weight_matrix.shape[1]
+    }
+
+
 def calibrate(
     adapter: ModelAdapter,
     layers: list[TargetLayer],
@@ -474,6 +496,7 @@ def calibrate(
                 {layer.name: layer.module for layer in group_layers},
                 accumulate_dtype=config.accumulate_dtype,
                 storage_device=storage_device,
+                optional=[layer.name for layer in group_layers if layer.routed],  # an expert may get no token
             )
             batches = _calibration_batches(adapter, group, calibration, config)
             with collector, torch.no_grad():
@@ -563,6 +586,7 @@ def compress(
 
     reports: list[LayerReport] = []
     compressible_names = {layer.name for layer, _ in compressible}
+    by_name = {layer.name: layer for layer, _ in compressible}
     t0 = time.perf_counter()
     for layer, plan in zip(layers, plans):
         rank = ranks[plan.name]
@@ -575,30 +599,38 @@ def compress(
             reports.append(dense_layer_report(plan, rank, tol, ratio))
     # activation-aware solves go through the batched solver (batches of one on CPU by default: same
     # arithmetic as per-layer, and the singular vectors from rank planning are used as they are)
+    weight_only = set()
+    if collectors is not None:
+        weight_only = weight_only_layers(
+            [layer for layer, _ in compressible], lambda name: collectors[by_name[name].group].token_count(name)
+        )
+        if weight_only:
+            logger.info("%d routed layers saw fewer tokens than inputs: factorised from their weights alone", len(weight_only))
     batched = collectors is not None and config.solver in BATCHED_SOLVERS
+    one_by_one = [(l, p) for l, p in compressible if not batched or l.name in weight_only]
     with tqdm(total=len(compressible), desc="factorise", unit="layer", leave=False) as progress:
         if batched:
             items = [
                 (layer, plan, ranks[plan.name], used_tolerances[tolerance_key(plan, used_tolerances)] if used_tolerances else None)
-                for layer, plan in compressible
+                for layer, plan in compressible if layer.name not in weight_only
             ]
             reports += factorise_batched(adapter, items, config, device, collectors, svd_cache, svd_seconds, ratio, progress)
-        else:
-            for layer, plan in compressible:
-                rank = ranks[plan.name]
-                tol = used_tolerances[tolerance_key(plan, used_tolerances)] if used_tolerances else None
-                M, tokens = None, None
-                if collectors is not None:
-                    collector = collectors[layer.group]
-                    M = collector.covariance(layer.name)
-                    tokens = collector.token_count(layer.name)
-                reports.append(
-                    factorise_layer(
-                        adapter, layer, plan, rank, config, device, tol=tol, ratio=ratio, M=M, tokens=tokens,
-                        svd=svd_cache.pop(layer.name, None), extra_seconds=svd_seconds.get(layer.name, 0.0),
-                    )
+        for layer, plan in one_by_one:
+            rank = ranks[plan.name]
+            tol = used_tolerances[tolerance_key(plan, used_tolerances)] if used_tolerances else None
+            M, tokens = None, None
+            if collectors is not None:
+                collector = collectors[layer.group]
+                tokens = collector.token_count(layer.name)
+                M = collector.covariance(layer.name) if tokens else None
+            reports.append(
+                factorise_layer(
+                    adapter, layer, plan, rank, config, device, tol=tol, ratio=ratio, M=M, tokens=tokens,
+                    svd=svd_cache.pop(layer.name, None), extra_seconds=svd_seconds.get(layer.name, 0.0),
+                    weight_only=layer.name in weight_only,
                 )
-                progress.update()
+            )
+            progress.update()
     t_factor = time.perf_counter() - t0
     if config.quantize != "none":
         from vlmpress.pipeline.quantize import quantize_compressed

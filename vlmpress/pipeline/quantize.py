@@ -41,7 +41,7 @@ def quantize_compressed(
         W_hat = quantized.dense_weight().to(W.device)
         row.quant_weight_error = float((W.double() - W_hat).norm() / W.double().norm()) if W.abs().sum() > 0 else 0.0
         collector = (collectors or {}).get(row.group)
-        if collector is not None:
+        if collector is not None and collector.token_count(row.name):  # an MoE expert may have seen no token
             row.quant_act_error = activation_error(W, W_hat, collector.covariance(row.name))
         replace_module(adapter.model, row.name, quantized)
         done.append(row.name)
@@ -97,7 +97,7 @@ def quantize_dense_layers(
         W_hat = quantized.dense_weight().to(W.device)
         row = {"name": layer.name, "weight_error": float((W.double() - W_hat).norm() / W.double().norm()) if W.abs().sum() > 0 else 0.0}
         collector = (collectors or {}).get(layer.group)
-        if collector is not None:
+        if collector is not None and collector.token_count(layer.name):  # an MoE expert may have seen no token
             row["act_error"] = activation_error(W, W_hat, collector.covariance(layer.name))
         replace_module(adapter.model, layer.name, quantized)
         rows.append(row)

@@ -13,6 +13,7 @@ from typing import Callable
 
 import torch
 
+from vlmpress.adapters.layers import KIND_PARENTS
 from vlmpress.core.rank import align_rank, lowrank_params, ratio_rank, saves_parameters, tolerance_ranks
 from vlmpress.errors import ConfigError
 
@@ -49,12 +50,14 @@ TOLERANCE_FLAGS = {"*": "--eps", "vision": "--eps-v", "text": "--eps-t", "attn":
 
 
 def tolerance_key(layer: LayerPlan, tolerances: dict[str, float]) -> str:
-    """Which tolerance applies to a layer: ``group.kind`` > ``group`` > ``kind`` > ``*``."""
-    for key in (f"{layer.group}.{layer.kind}", layer.group, layer.kind, "*"):
-        if key in tolerances:
+    """Which tolerance applies to a layer: ``group.kind`` > ``group`` > ``kind`` > its parent kind
+    (:data:`~vlmpress.adapters.layers.KIND_PARENTS`: an expert layer takes ``mlp``) > ``*``."""
+    parent = KIND_PARENTS.get(layer.kind)
+    for key in (f"{layer.group}.{layer.kind}", layer.group, layer.kind, parent, "*"):
+        if key is not None and key in tolerances:
             return key
     given = ", ".join(TOLERANCE_FLAGS.get(k, k) for k in tolerances) or "none"
-    covering = [TOLERANCE_FLAGS[k] for k in (layer.group, layer.kind) if k in TOLERANCE_FLAGS]
+    covering = [TOLERANCE_FLAGS[k] for k in (layer.group, layer.kind, parent) if k in TOLERANCE_FLAGS]
     fix = f"add {' or '.join(covering)}, or pass --eps for all layers" if covering else "pass --eps for all layers"
     raise ConfigError(
         f"no tolerance applies to layer '{layer.name}' (group '{layer.group}', kind '{layer.kind}'); "

@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from vlmpress.adapters.routed_experts import EXPERT_KINDS
 from vlmpress.io import atomic_write_text
 
 
@@ -31,6 +32,8 @@ class LayerReport:
     tokens: int | None = None  # calibration tokens seen by the layer
     seconds: float = 0.0
     als_iters: int | None = None  # ALS rounds run (None: not an ALS solve)
+    #: a routed layer (MoE expert) that saw fewer calibration tokens than inputs: plain SVD of its weight
+    weight_only: bool = False
     quant_weight_error: float | None = None  # ||W - A_q B_q|| / ||W|| with quantised factors
     quant_act_error: float | None = None  # ||(W - A_q B_q) X|| / ||W X|| with quantised factors
 
@@ -98,6 +101,15 @@ class CompressionReport:
     def rank_map(self) -> dict[str, int]:
         return {layer.name: layer.rank for layer in self.layers if layer.rank is not None}
 
+    def expert_totals(self) -> dict[str, int]:
+        """MoE expert layers (one per expert and matrix): how many, factorised, from the weight alone."""
+        experts = [layer for layer in self.layers if layer.kind in EXPERT_KINDS]
+        return {
+            "layers": len(experts),
+            "compressed": sum(layer.rank is not None for layer in experts),
+            "weight_only": sum(layer.weight_only for layer in experts),
+        }
+
     @property
     def dense_layers(self) -> dict[str, str]:
         return {layer.name: layer.status for layer in self.layers if layer.rank is None}
@@ -131,6 +143,7 @@ class CompressionReport:
             "coverage": self.coverage,
             "bound_hits": self.bound_hits(),
             "footprint": self.footprint,
+            "experts": self.expert_totals(),
         }
 
     def bound_hits(self) -> list[str]:
@@ -202,7 +215,7 @@ class CompressionReport:
         )
         lines = [head, "-" * len(head)]
         for l in rows:
-            rank = str(l.rank) if l.rank is not None else "dense"
+            rank = (str(l.rank) + ("w" if l.weight_only else "")) if l.rank is not None else "dense"
             params = f"{l.params_before}->{l.params_after}"
             lines.append(
                 f"{l.name:<{width}} {l.group:<{gwidth}} {l.shape:>11} {rank:>6} {params:>19} {fmt(l.weight_error):>7} "
@@ -269,6 +282,12 @@ class CompressionReport:
         if latency:
             shown = ", ".join(latency[:4]) + (f" (+{len(latency) - 4} more)" if len(latency) > 4 else "")
             lines.append(f"kept dense        : {len(latency)} layers where low-rank ran slower on the device: {shown}")
+        experts = self.expert_totals()
+        if experts["layers"]:
+            lines.append(
+                f"MoE experts       : {experts['layers']} expert layers, {experts['compressed']} factorised, "
+                f"{experts['weight_only']} from their weights alone (fewer routed tokens than inputs: rank marked 'w')"
+            )
         for hit in self.bound_hits():
             lines.append(f"WARNING           : {hit}")
         quantized = [l for l in self.layers if l.quant_weight_error is not None]

@@ -29,6 +29,7 @@ back; a block dispatched by accelerate (``device_map``) runs on its own executio
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import Callable, Iterator
@@ -54,6 +55,7 @@ from vlmpress.pipeline.compress import (
     plan_ranks,
     resolve_device,
     select_layers,
+    weight_only_layers,
 )
 from vlmpress.pipeline.config import CompressionConfig
 from vlmpress.core.covariance import CovarianceCollector
@@ -427,7 +429,7 @@ def compress_sequential(
         with block_on_device(block, device) as run_device:
             # target modules are looked up again: materialising an offloaded block keeps the objects,
             # but a fresh lookup is robust to adapters that rebuild them
-            todo = [TargetLayer(l.name, l.group, l.kind, adapter.model.get_submodule(l.name)) for l in todo]
+            todo = [dataclasses.replace(l, module=adapter.model.get_submodule(l.name)) for l in todo]
             collector = None
             outputs = None
             if needs_data:
@@ -435,7 +437,8 @@ def compress_sequential(
                 keep = i < last_needed and config.propagate == "original"
                 if todo:
                     collector = CovarianceCollector(
-                        {l.name: l.module for l in todo}, accumulate_dtype=config.accumulate_dtype
+                        {l.name: l.module for l in todo}, accumulate_dtype=config.accumulate_dtype,
+                        optional=[l.name for l in todo if l.routed],  # an expert may get no token
                     )
                     with collector:
                         outputs = run_block(
@@ -447,18 +450,21 @@ def compress_sequential(
                     outputs = run_block(block, hidden, captured.args[i], captured.kwargs[i], run_device, storage=storage)
                 t_calib += time.perf_counter() - t0
             t0 = time.perf_counter()
+            weight_only = weight_only_layers(todo, collector.token_count) if collector is not None else set()
             for layer in todo:
                 plan = plans[layer.name]
                 tol = used_tolerances[tolerance_key(plan, used_tolerances)] if used_tolerances else None
                 M = tokens = None
                 if collector is not None:
-                    M, tokens = collector.covariance(layer.name), collector.token_count(layer.name)
-                    if covariance_sink is not None:
+                    tokens = collector.token_count(layer.name)
+                    M = collector.covariance(layer.name) if tokens else None
+                    if covariance_sink is not None and M is not None:
                         covariance_sink[layer.name] = M.detach().cpu().clone()
                 reports.append(
                     factorise_layer(
                         adapter, layer, plan, ranks[plan.name], config, device, tol=tol, ratio=ratio, M=M,
                         tokens=tokens, extra_seconds=svd_seconds.get(layer.name, 0.0),
+                        weight_only=layer.name in weight_only,
                     )
                 )
                 if collector is not None:
@@ -531,7 +537,7 @@ def _resume_block(adapter, state, index, block, todo, reports, hidden, captured,
     if set(tensors) != expected_keys:
         raise CheckpointError(f"saved block {index} in {state.directory} holds tensors of other layers; delete that directory to start over")
     reports.extend(saved)
-    todo = [TargetLayer(l.name, l.group, l.kind, adapter.model.get_submodule(l.name)) for l in todo]
+    todo = [dataclasses.replace(l, module=adapter.model.get_submodule(l.name)) for l in todo]
     with block_on_device(block, device) as run_device:
         outputs = None
         if need_outputs and config.propagate == "original":  # the uncompressed block's outputs feed forward

@@ -129,10 +129,18 @@ TINY_TEXT = (
 
 
 def tiny_config(model_type: str, vocab_size: int, *, hidden: int = 32, layers: int = 2, max_positions: int = 64, **overrides):
-    """A tiny random config of a supported architecture (Llama/Mistral/Qwen2 use GQA: 4 heads, 2 kv)."""
-    from transformers import GPT2Config, LlamaConfig, MistralConfig, OPTConfig, Qwen2Config
+    """A tiny random config of a supported architecture (Llama/Mistral/Qwen2 use GQA: 4 heads, 2 kv;
+    Mixtral: 4 experts, top-2)."""
+    from transformers import GPT2Config, LlamaConfig, MistralConfig, MixtralConfig, OPTConfig, Qwen2Config
 
-    if model_type in ("llama", "mistral", "qwen2"):
+    if model_type == "mixtral":
+        cls = MixtralConfig
+        kw = dict(
+            vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_positions,
+            num_local_experts=4, num_experts_per_tok=2,
+        )
+    elif model_type in ("llama", "mistral", "qwen2"):
         cls = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config}[model_type]
         kw = dict(
             vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
@@ -175,7 +183,12 @@ def save_tiny_causal_lm(directory: str | Path, model_type: str = "llama", seed: 
 
 @dataclass
 class ReferenceLMConfig:
-    """Architecture and schedule of the reference Llama (defaults: 1.3M parameters, ~7 min on 2 cores)."""
+    """Architecture and schedule of the reference LM (defaults: a 1.3M-parameter Llama, ~7 min on 2 cores).
+
+    ``num_experts > 0`` makes it a mixture of experts (a Mixtral: Llama attention, routed SwiGLU
+    experts of width ``intermediate_size``, ``experts_per_token`` of them per token, trained with the
+    load-balancing loss weighted ``router_aux_loss_coef``); ``configs/reference/lm-moe.json``.
+    """
 
     vocab_size: int = 2048
     hidden_size: int = 128
@@ -192,6 +205,40 @@ class ReferenceLMConfig:
     seed: int = 0
     threads: int = 2
     test_every: int = 20
+    num_experts: int = 0
+    experts_per_token: int = 2
+    router_aux_loss_coef: float = 0.01
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> "ReferenceLMConfig":
+        """Fields from a JSON file (unknown keys refused)."""
+        import json
+
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        known = {f for f in cls.__dataclass_fields__}
+        unknown = sorted(set(data) - known)
+        if not isinstance(data, dict) or unknown:
+            raise ConfigError(f"{path}: unknown reference-LM config keys {unknown}; known: {', '.join(sorted(known))}")
+        return cls(**data)
+
+    def model_config(self, tokenizer):
+        """The transformers config: a Llama, or a Mixtral when ``num_experts > 0``."""
+        from transformers import LlamaConfig, MixtralConfig
+
+        common = dict(
+            vocab_size=len(tokenizer), hidden_size=self.hidden_size, intermediate_size=self.intermediate_size,
+            num_hidden_layers=self.num_layers, num_attention_heads=self.num_heads, num_key_value_heads=self.num_kv_heads,
+            max_position_embeddings=self.seq_len, pad_token_id=tokenizer.pad_token_id,
+            bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=False,
+        )
+        if self.num_experts <= 0:
+            return LlamaConfig(**common)
+        if not 1 <= self.experts_per_token <= self.num_experts:
+            raise ConfigError(f"experts_per_token must be in 1..num_experts ({self.num_experts}), got {self.experts_per_token}")
+        return MixtralConfig(
+            **common, num_local_experts=self.num_experts, num_experts_per_tok=self.experts_per_token,
+            output_router_logits=True, router_aux_loss_coef=self.router_aux_loss_coef,
+        )
 
 
 def _token_stream(tokenizer, text: str) -> torch.Tensor:
@@ -215,7 +262,7 @@ def train_reference_lm(out_dir: str | Path, cfg: ReferenceLMConfig | None = None
 
 
 def _train_reference_lm(out: Path, cfg: ReferenceLMConfig, corpus: Corpus | None) -> dict:
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM
 
     from vlmpress.io import atomic_write_json
 
@@ -228,13 +275,8 @@ def _train_reference_lm(out: Path, cfg: ReferenceLMConfig, corpus: Corpus | None
     tokenizer = train_tokenizer(corpus.train, cfg.vocab_size, model_max_length=cfg.seq_len)
     ids = _token_stream(tokenizer, corpus.train)
     test_ids = _token_stream(tokenizer, corpus.test)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
-        num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,
-        max_position_embeddings=cfg.seq_len, pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=False,
-    )
-    model = LlamaForCausalLM(config)
+    config = cfg.model_config(tokenizer)
+    model = AutoModelForCausalLM.from_config(config)
     model.train()
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
@@ -271,6 +313,7 @@ def _train_reference_lm(out: Path, cfg: ReferenceLMConfig, corpus: Corpus | None
         if step % 50 == 0 or step == cfg.steps - 1:
             logger.info("step %d/%d loss %.4f", step, cfg.steps, losses[-1])
     model.eval()
+    model.config.output_router_logits = False  # training only: inference needs no router logits
     model_dir = out / "model"
     model.save_pretrained(model_dir, safe_serialization=True)
     tokenizer.save_pretrained(model_dir)
