@@ -31,3 +31,7 @@ class CheckpointError(VlmpressError, RuntimeError):
 
 class DatasetError(VlmpressError, RuntimeError):
     """A dataset is missing or incomplete on disk."""
+
+
+class AdapterContractError(VlmpressError, TypeError):
+    """A (plugin) adapter returned something its interface does not allow, e.g. per-token encoder outputs."""
