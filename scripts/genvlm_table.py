@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""README table and split check for a generative-VLM grid (``scripts/genvlm_grid.py`` results).
+"""docs/generative-vlms.md table and split check for a generative-VLM grid (``scripts/genvlm_grid.py`` results).
 
     python scripts/genvlm_table.py eval/results/caltech101-llava
 

@@ -2,7 +2,7 @@
 """Reproduce the paper's CLIP table (Table 2): OpenAI ViT-B/16, six datasets, 20 % / 40 %, SVD / SVD-ALS / PGSVD.
 
 Needs what these machines do not have: the pretrained weights (open_clip downloads them on first
-use) and the six datasets in torchvision's layout under --data-root (see README, "Datasets").
+use) and the six datasets in torchvision's layout under --data-root (see docs/evaluation.md, "Datasets and on-disk layout").
 
     python scripts/reproduce_paper_clip.py --data-root ~/data [--out runs/paper-clip-vitb16] [--eps-v 0.3 --eps-t 0.5]
 """

@@ -25,3 +25,13 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def pytest_terminal_summary(terminalreporter):
+    """The fault campaigns' tallies (tests/tally.py), shown at the end of every run, even under -q."""
+    import tally
+
+    if tally.LINES:
+        terminalreporter.section("vlmpress fault campaigns")
+        for line in tally.LINES:
+            terminalreporter.write_line(line)

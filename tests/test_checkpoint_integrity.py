@@ -19,6 +19,7 @@ from vlmpress.pipeline.checkpoint import load_compressed, save_compressed
 from vlmpress.pipeline.compress import compress
 from vlmpress.pipeline.config import CompressionConfig
 from vlmpress.errors import CheckpointError, ConfigError
+from vlmpress.io.atomic_dir import OWNER_MARKER
 from child_process import own_progress_lock
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -64,31 +65,54 @@ def test_overwrite_exchanges_directories_atomically(tmp_path):
     out = save_compressed(a, tmp_path / "ck", rep_a)
     save_compressed(b, out, rep_b, overwrite=True)
     assert json.loads((out / "vlmpress_config.json").read_text())["ratio"] == 0.7
+    assert not (out / OWNER_MARKER).exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]  # the old copy is gone, no temporaries
 
 
 def test_stale_temporaries_of_dead_processes_are_cleaned(tmp_path):
+    """Only marked temporaries of dead processes go; look-alike user folders are never touched."""
     adapter, report = _compressed(4)
     out = tmp_path / "ck"
     dead = multiprocessing.get_context("fork").Process(target=lambda: None)
     dead.start()
     dead.join()
     stale = tmp_path / f".ck.vlmpress-{dead.pid}.abc.tmp"
+    look_alike = tmp_path / f".ck.vlmpress-{dead.pid}.xyz.tmp"  # same pattern, no marker: a user's folder
     live = tmp_path / f".ck.vlmpress-{os.getpid()}.def.tmp"  # a save in progress elsewhere: kept
-    legacy = tmp_path / ".ck.k2j3x9ab.tmp"
+    legacy_tmp = tmp_path / ".ck.k2j3x9ab.tmp"  # earlier releases' names: can't be told from a user's
+    legacy_old = tmp_path / ".ck.old"
     neighbour = tmp_path / ".ck.v2.vlmpress-1.abc.tmp"  # another checkpoint's temporary: not ours
-    for d in (stale, live, legacy, neighbour):
+    for d in (stale, look_alike, live, legacy_tmp, legacy_old, neighbour):
         d.mkdir()
         (d / "model.safetensors").write_bytes(b"partial")
+    for d in (stale, live, neighbour):
+        (d / OWNER_MARKER).write_text("x")
+    unmarked_empty = tmp_path / f".ck.vlmpress-{dead.pid}.e1m2.tmp"  # killed between mkdtemp and marking
+    unmarked_empty.mkdir()
     save_compressed(adapter, out, report)
-    assert not stale.exists() and not legacy.exists() and live.exists() and neighbour.exists()
+    assert not stale.exists() and not unmarked_empty.exists()
+    assert all(d.exists() for d in (look_alike, live, legacy_tmp, legacy_old, neighbour))
+    assert not (out / OWNER_MARKER).exists()  # the marker never stays in the saved checkpoint
 
 
-def _save_forever(out: str, seed: int) -> None:  # runs in a forked child until killed
+def test_backup_of_a_killed_two_rename_swap_is_restored(tmp_path):
+    adapter, report = _compressed(4)
+    out = save_compressed(adapter, tmp_path / "ck", report)
+    dead = multiprocessing.get_context("fork").Process(target=lambda: None)
+    dead.start()
+    dead.join()
+    backup = tmp_path / f".ck.vlmpress-{dead.pid}.q1w2e3.old"
+    os.replace(out, backup)  # killed after the first rename: only the backup holds the checkpoint
+    assert ck.clean_stale_temporaries(out) == [] and out.is_dir() and not backup.exists()
+    load_compressed(out)
+
+
+def _save_forever(out: str, seed: int, ready) -> None:  # runs in a forked child until killed
     own_progress_lock()
     torch.set_num_threads(1)
     ratios = [0.3, 0.5, 0.7]
     models = [_compressed(seed, r) for r in ratios]
+    ready.set()  # the kill clock starts at the first save, however long building the models took
     i = 0
     while True:
         adapter, report = models[i % len(models)]
@@ -111,8 +135,10 @@ def test_kill_during_save_never_loses_the_checkpoint(tmp_path):
     ctx = multiprocessing.get_context("fork")
     seen_ratios, kills = set(), 25
     for _ in range(kills):
-        child = ctx.Process(target=_save_forever, args=(str(out), 5))
+        ready = ctx.Event()
+        child = ctx.Process(target=_save_forever, args=(str(out), 5, ready))
         child.start()
+        assert ready.wait(120), "the saving process never got ready"
         time.sleep(rng.uniform(0.05, 0.6))
         os.kill(child.pid, signal.SIGKILL)
         child.join()

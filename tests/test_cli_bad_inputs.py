@@ -19,6 +19,7 @@ import pytest
 import torch
 from PIL import Image
 
+import tally
 import toy_adapter  # noqa: F401  (registers the "toy" adapter family)
 from toy_adapter import ToyAdapter
 from vlmpress.pipeline.checkpoint import save_compressed
@@ -137,10 +138,58 @@ class Env:
             assert main([*self.compress_toy(d), "--eps", "0.5", "-q"]) == 0
         return d
 
+    def results_dir(self, name: str, lines: list[bytes]) -> Path:
+        d = self.root / name
+        d.mkdir(exist_ok=True)
+        (d / "results.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+        return d
+
+    def good_record(self, **changes) -> bytes:
+        rec = {"model": "m", "dataset": "d", "split": "s", "metrics": {"top1": 0.5, "top5": 0.9, "mean_per_class_recall": 0.5},
+               "n_images": 10, "n_classes": 2, "top1_stderr": 0.1, "seconds": 1.0, **changes}
+        return json.dumps(rec).encode()
+
+    def bomb_image_folder(self) -> Path:
+        """A 20000x20000 PNG header in a few bytes: PIL refuses it as a decompression bomb."""
+        import struct
+        import zlib
+
+        d = self.root / "bomb_imgs"
+        if not d.exists():  # explicit train/ + test/ layout: the bomb is certainly evaluated
+            shutil.copytree(self.images(), d / "train")
+            shutil.copytree(self.images(), d / "test")
+            ihdr = struct.pack(">IIBBBBB", 20000, 20000, 8, 2, 0, 0, 0)
+            chunk = lambda kind, data: struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))  # noqa: E731
+            png = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+            (d / "test" / "cat" / "bomb.png").write_bytes(png)
+        return d
+
+    def truncated_image_folder(self) -> Path:
+        d = self.root / "trunc_imgs"
+        if not d.exists():
+            shutil.copytree(self.images(), d)
+            (d / "dog" / "zz.png").write_bytes((d / "dog" / "0.png").read_bytes()[:40])
+        return d
+
+    def eval_folder(self, folder: Path, *extra: str) -> list[str]:
+        return ["eval", "--model", str(self.toy_checkpoint()), "--datasets", f"imagefolder:{folder}", "--out",
+                str(self.fresh("res")), "--no-progress", "--device", "cpu", *extra]
+
     # ---------------------------------------------------------------- argv builders
     def compress_toy(self, out: Path | None = None, model: str = "toy:0") -> list[str]:
         return ["compress", "--model", model, "--calib-images", str(self.images()), "--out", str(out or self.fresh("out")),
                 "--als-iters", "1"]
+
+    def user_folder(self) -> Path:
+        d = self.root / "user_folder"
+        d.mkdir(exist_ok=True)
+        (d / "notes.txt").write_text("mine")
+        return d
+
+    def compress_llm_to(self, out: Path) -> list[str]:
+        argv = self.compress_llm()
+        argv[argv.index("--out") + 1] = str(out)
+        return argv
 
     def compress_llm(self, model: Path | None = None) -> list[str]:
         return ["compress", "--model", f"hf:{model or self.llm()}", "--calib-text", str(self.calib_text()), "--out",
@@ -182,6 +231,12 @@ def _toy_spec_cfg(cfg):
 
 def _nonlinear_rank(cfg):
     cfg["ranks"]["visual.blocks"] = 2
+    cfg["layer_shapes"]["visual.blocks"] = [24, 24]
+
+
+def _unknown_layer_rank(cfg):
+    cfg["ranks"] = {"no.such.layer": 2}
+    cfg["layer_shapes"] = {"no.such.layer": [8, 8]}
 
 
 CASES = [
@@ -258,20 +313,78 @@ CASES = [
     Case("ckpt-rank-bool", lambda e: e.eval_clip(e.corrupt(e.toy_checkpoint(), _first_rank(True))), "ranks are positive integers"),
     Case("ckpt-rank-too-large", lambda e: e.eval_clip(e.corrupt(e.toy_checkpoint(), _first_rank(10_000))), "exceeds its shape"),
     Case("ckpt-rank-non-linear", lambda e: e.eval_clip(e.corrupt(e.toy_checkpoint(), _nonlinear_rank)), "ranks apply to linear layers only"),
-    Case("ckpt-rank-unknown-layer", lambda e: e.eval_clip(e.corrupt(e.toy_checkpoint(), _set("ranks", {"no.such.layer": 2}))),
+    Case("ckpt-rank-unknown-layer", lambda e: e.eval_clip(e.corrupt(e.toy_checkpoint(), _unknown_layer_rank)),
          "does not have"),
     Case("ckpt-family-list", lambda e: e.eval_clip(e.corrupt(e.toy_checkpoint(), _set("family", ["toy"]))), "'family' must be a non-empty string"),
     Case("ckpt-family-unknown", lambda e: e.eval_clip(e.corrupt(e.toy_checkpoint(), _set("family", "nosuch"))), "unknown adapter family"),
     Case("ckpt-spec-config-list", lambda e: e.eval_clip(e.corrupt(e.toy_checkpoint(), _set("spec_config", []))), "'spec_config' must be a mapping"),
     Case("ckpt-toy-spec-config-bad", lambda e: e.eval_clip(e.corrupt(e.toy_checkpoint(), _toy_spec_cfg)), "does not describe a buildable"),
     Case("ckpt-model-cfg-bad", lambda e: e.eval_clip(e.corrupt(e.clip_checkpoint(), _spec_cfg({"embed_dim": "x", "vision_cfg": 5}))),
+         "'spec_config' is refused: 'model_cfg.vision_cfg' must be a mapping"),
+    Case("ckpt-model-cfg-types", lambda e: e.eval_clip(e.corrupt(e.clip_checkpoint(), _spec_cfg({"embed_dim": "x", "vision_cfg": {},
+                                                                                                  "text_cfg": {}}))),
          "does not describe a buildable"),
     Case("ckpt-model-cfg-string", lambda e: e.eval_clip(e.corrupt(e.clip_checkpoint(), _spec_cfg("nonsense"))),
-         "does not describe a buildable"),
+         "'model_cfg' must be a mapping"),
     Case("ckpt-config-not-object", lambda e: e.eval_clip(e.corrupt(e.toy_checkpoint(), lambda c: c.clear())), "is incomplete"),
     Case("ckpt-hash-bad", lambda e: e.eval_clip(e.corrupt(e.toy_checkpoint(), _set("file_sha256", {"model.safetensors": "0" * 63}))),
          "'file_sha256' has an invalid entry"),
     Case("ckpt-flipped-weight-bytes", lambda e: e.eval_clip(e.flipped_weights()), "does not match the SHA-256"),
+    # ------------------------------------------------ round 2: text inputs that are not UTF-8
+    Case("yaml-latin1", lambda e: e.compress_toy() + ["--eps", "0.5", "--config", str(e.text("l1.yaml", "seed: 1 # café\n".encode("latin-1")))],
+         "not valid UTF-8"),
+    Case("split-file-latin1", lambda e: e.eval_clip(e.toy_checkpoint()) + ["--split-file", str(e.text("split.txt", "cat/café.png\n".encode("latin-1")))],
+         "split file"),
+    Case("report-jsonl-latin1", lambda e: ["report", str(e.results_dir("res_latin1", ["{\"model\": \"café\"}".encode("latin-1")]))],
+         "no readable result records"),
+    Case("report-jsonl-nan-metric", lambda e: ["report", str(e.results_dir("res_nan", [e.good_record(metrics={"top1": float("nan"), "top5": 0.5, "mean_per_class_recall": 0.5})]))],
+         "no readable result records"),
+    Case("report-jsonl-deep", lambda e: ["report", str(e.results_dir("res_deep", [b"[" * 100000 + b"]" * 100000]))], "no readable result records"),
+    Case("report-jsonl-huge-int", lambda e: ["report", str(e.results_dir("res_int", [e.good_record(n_images=10**400)]))],
+         "no readable result records"),
+    # ------------------------------------------------ YAML values of the wrong type or absurd size
+    Case("yaml-method-list", lambda e: e.compress_toy() + ["--eps", "0.5", "--config", str(e.text("m.yaml", b"method: [pgsvd]\n"))],
+         "method must be one of"),
+    Case("yaml-400-digit-eps", lambda e: e.compress_toy() + ["--config", str(e.text("e.yaml", b"eps: 1" + b"0" * 400 + b"\n"))],
+         "eps must be a relative error"),
+    Case("yaml-batch-size-huge", lambda e: e.compress_toy() + ["--eps", "0.5", "--config", str(e.text("b.yaml", b"batch_size: 1000000000000000000000000000000\n"))],
+         "batch-size must be at most"),
+    Case("yaml-n-samples-float", lambda e: e.compress_toy() + ["--eps", "0.5", "--config", str(e.text("n.yaml", b"n_samples: 1.0e10\n"))],
+         "n-samples must be an integer"),
+    Case("yaml-alias-bomb", lambda e: e.compress_toy() + ["--eps", "0.5", "--config", str(e.text("bomb.yaml", (
+        "a: &a [x,x,x,x,x,x,x,x,x]\nb: &b [*a,*a,*a,*a,*a,*a,*a,*a,*a]\nc: &c [*b,*b,*b,*b,*b,*b,*b,*b,*b]\n"
+        "d: &d [*c,*c,*c,*c,*c,*c,*c,*c,*c]\ne: &e [*d,*d,*d,*d,*d,*d,*d,*d,*d]\ntargets: [*e,*e,*e,*e,*e,*e,*e,*e,*e]\n").encode()))],
+         "expansion bomb"),
+    Case("yaml-duplicate-key", lambda e: e.compress_toy() + ["--config", str(e.text("dup.yaml", b"eps: 0.5\neps: 0.9\n"))], "appears twice"),
+    Case("yaml-deep", lambda e: e.compress_toy() + ["--eps", "0.5", "--config", str(e.text("deep.yaml", b"targets: " + b"[" * 5000 + b"]" * 5000))],
+         "nested too deeply"),
+    Case("yaml-targets-huge-list", lambda e: e.compress_toy() + ["--eps", "0.5", "--config", str(e.text("t.yaml", b"targets: [" + b"1," * 20 + b"]\n"))],
+         "targets must be a list of regular expressions"),
+    # ------------------------------------------------ sizes checked before allocation, loops bounded
+    Case("n-samples-1e10", lambda e: e.compress_llm() + ["--eps", "0.5", "--n-samples", "10000000000"], "n-samples must be at most"),
+    Case("n-samples-sci", lambda e: e.compress_llm() + ["--eps", "0.5", "--n-samples", "1e10"], "invalid int value"),
+    Case("als-iters-1e9", lambda e: e.compress_toy() + ["--eps", "0.5", "--als-iters", "1000000000"], "als-iters must be at most"),
+    Case("device-map-garbage", lambda e: e.compress_llm() + ["--eps", "0.5", "--device-map", "{'model': 0}"], "device-map must be one of"),
+    Case("device-map-path", lambda e: e.compress_llm() + ["--eps", "0.5", "--device-map", "/etc/passwd"], "device-map must be one of"),
+    Case("eval-batch-size-zero", lambda e: e.eval_clip(e.toy_checkpoint()) + ["--batch-size", "0"], "--batch-size must be in"),
+    Case("eval-llm-batch-size-zero", lambda e: ["eval", "--model", f"hf:{e.llm()}", "--perplexity", str(e.calib_text()),
+                                                 "--out", str(e.fresh("r")), "--batch-size", "0"], "--batch-size must be in"),
+    Case("eval-max-tokens-negative", lambda e: ["eval", "--model", f"hf:{e.llm()}", "--perplexity", str(e.calib_text()),
+                                                 "--out", str(e.fresh("r")), "--max-tokens", "-5"], "--max-tokens must be in"),
+    Case("eval-num-workers-huge", lambda e: e.eval_clip(e.toy_checkpoint()) + ["--num-workers", "100000"], "--num-workers must be in"),
+    # ------------------------------------------------ images that do not decode
+    Case("eval-decompression-bomb", lambda e: e.eval_folder(e.bomb_image_folder()), "decompression bomb"),
+    Case("eval-truncated-image", lambda e: e.eval_folder(e.truncated_image_folder()), "cannot be decoded"),
+    Case("eval-truncated-image-workers", lambda e: e.eval_folder(e.truncated_image_folder(), "--num-workers", "1"), "cannot be decoded"),
+    # ------------------------------------------------ calibration split files
+    Case("calib-split-file-lists-nothing", lambda e: e.compress_toy() + ["--eps", "0.5", "--calib-split-file", str(e.text("none.txt", b"bird/1.png\n"))],
+         "lists none of the images"),
+    Case("calib-split-file-lists-all", lambda e: e.compress_toy() + ["--eps", "0.5", "--calib-split-file", str(e.text("all.txt", "".join(
+        f"{c}/{i}.png\n" for c in ("cat", "dog") for i in range(3)).encode()))], "nothing is left"),
+    # ------------------------------------------------ outputs never replaced by surprise
+    Case("overwrite-user-folder", lambda e: e.compress_toy(out=e.user_folder()) + ["--eps", "0.5", "--overwrite"], "holds no vlmpress checkpoint"),
+    Case("overwrite-input-model", lambda e: e.compress_llm_to(e.llm()) + ["--eps", "0.5", "--overwrite"], "is (or contains) the input model"),
+    Case("export-dense-is-out", lambda e: e.compress_toy(out=e.root / "same") + ["--eps", "0.5", "--export-dense", str(e.root / "same")], "overlaps --out"),
 ]
 
 
@@ -282,9 +395,7 @@ def env(tmp_path_factory, request):
         f"CLI bad-input suite: {TALLY['cases']} cases, {TALLY['exit2_one_line']} exit 2 with one clear line, "
         f"{TALLY['traceback']} tracebacks, {TALLY['silent']} silent (exit 0), {TALLY['other']} other"
     )
-    capture = request.config.pluginmanager.getplugin("capturemanager")
-    with capture.global_and_fixture_disabled():  # shown even under pytest -q
-        print("\n" + line)
+    tally.LINES.append(line)  # printed at the end of the run (conftest.pytest_terminal_summary)
 
 
 def _error_lines(err: str) -> list[str]:

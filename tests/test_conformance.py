@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from vlmpress import testing
@@ -57,10 +59,14 @@ def test_open_clip_hf_text_tower(tmp_path):
     info = testing.check_adapter(adapter, tmp_path / "kit")
     assert info["targets"]["text"] >= 12
     assert any(layer.name.startswith("text.transformer.encoder.layer.0.attention") for layer in adapter.target_layers())
-    # the checkpoint carries its transformers tokenizer: it reloads after the original files are gone
+    # the checkpoint carries its transformers tokenizer and text config: it reloads after the
+    # original files are gone (the names in its config are never read)
     shutil.rmtree(tmp_path / "tiny-tokenizer")
+    shutil.rmtree(tmp_path / "tiny-roberta")
     reloaded = load_compressed(tmp_path / "kit" / "ckpt")
-    assert (tmp_path / "kit" / "ckpt" / "tokenizer").is_dir()
+    assert (tmp_path / "kit" / "ckpt" / "tokenizer").is_dir() and (tmp_path / "kit" / "ckpt" / "text_config").is_dir()
+    hashed = json.loads((tmp_path / "kit" / "ckpt" / "vlmpress_config.json").read_text())["file_sha256"]
+    assert "tokenizer/tokenizer_config.json" in hashed and "text_config/config.json" in hashed
     assert reloaded.tokenize(["a photo"]).shape == (1, 16)
 
 

@@ -178,3 +178,18 @@ def test_cli_adapter_flag(tmp_path, capsys):
     assert "unknown adapter family 'nope'" in capsys.readouterr().err
     assert main([*args, "--adapter", "hf_clip"]) == 2
     assert "adapter 'hf_clip' does not accept model spec 'open_clip:vlmpress-tiny'" in capsys.readouterr().err
+
+
+def test_installed_plugin_passes_the_conformance_kit_in_a_fresh_process(tmp_path):
+    """docs/adapters.md's kit example on the pip-installed plugin: the kit's fresh interpreter keeps
+    the caller's import path (the plugin is importable only through PYTHONPATH here)."""
+    site = pip_install_plugin(tmp_path)
+    script = textwrap.dedent(f'''
+        from myclip_plugin.adapter import MyClipAdapter
+        from vlmpress.testing import check_adapter
+        info = check_adapter(MyClipAdapter.load("myclip:vlmpress-tiny"), {str(tmp_path / "kit")!r}, fresh_process=True)
+        assert info["family"] == "myclip" and set(info["targets"]) == {{"vision", "text"}}, info
+    ''')
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(site)]), HF_HUB_OFFLINE="1")
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]

@@ -83,6 +83,15 @@ def _direct_error(W, A, B, X) -> float:
     return float(torch.linalg.matrix_norm((W - A @ B) @ X) / denom)
 
 
+def _covariance_error(W, A, B, M) -> float | None:
+    """``sqrt(tr(R M R^T) / tr(W M W^T))`` with R = W - A B; None where M is not PSD enough to define it."""
+    R = W - A @ B
+    num, den = float(torch.sum((R @ M) * R)), float(torch.sum((W @ M) * W))
+    if not den > 0 or num < -1e-12 * den:
+        return None if den != 0 else 0.0
+    return max(num, 0.0) ** 0.5 / den ** 0.5
+
+
 def _optimum(W, X, r) -> float:
     s2 = torch.linalg.svdvals(W @ X).square()
     return 0.0 if s2.sum() == 0 else float(torch.sqrt(s2[r:].sum() / s2.sum()))
@@ -139,6 +148,11 @@ def _check_case(case: int, tally: Counter, failures: list) -> None:
         if Wi.dtype == torch.float64 and not _close(f.act_rel_error, direct):
             tally["reported_not_true"] += 1
             failures.append(f"{label} {name}: reported {f.act_rel_error:.9g} but the factors score {direct:.9g}")
+        if Wi.dtype != torch.float64:  # fp32 inputs: the truth is the returned factors' error on the covariance given
+            on_given = _covariance_error(W_ref, f.A, f.B, Mi.to(torch.float64))
+            if on_given is not None and not _close(f.act_rel_error, on_given):
+                tally["reported_not_true"] += 1
+                failures.append(f"{label} {name}: reported {f.act_rel_error:.9g} but the factors score {on_given:.9g} on M")
         if Wi.dtype == torch.float64 and not _close(f.weight_rel_error, weight_relative_error(W_ref, f.A, f.B)):
             tally["weight_error_not_true"] += 1
             failures.append(f"{label} {name}: reported weight error {f.weight_rel_error:.9g}, factors give "

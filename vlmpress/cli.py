@@ -10,6 +10,7 @@ import argparse
 import contextlib
 import importlib
 import logging
+import re
 import sys
 
 from vlmpress.errors import VlmpressError
@@ -110,8 +111,16 @@ def _configure_logging(verbose: int, quiet: bool) -> None:
 
 
 def _one_line(err: BaseException) -> str:
-    """An error message on one line (multi-line library messages joined)."""
-    return " ".join(part.strip() for part in str(err).splitlines() if part.strip()) or type(err).__name__
+    """An error message on one line (multi-line library messages joined).
+
+    An error re-raised from a data loader worker carries the worker's whole traceback in its
+    message; only its last line (the original error, without the module-qualified type) is kept.
+    """
+    text = str(err)
+    if "Original Traceback" in text:
+        last = [line for line in text.splitlines() if line.strip()][-1].strip()
+        text = re.sub(r"^[A-Za-z_][\w.]*(Error|Exception|Warning): ", "", last)
+    return " ".join(part.strip() for part in text.splitlines() if part.strip()) or type(err).__name__
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -35,3 +35,7 @@ class DatasetError(VlmpressError, RuntimeError):
 
 class AdapterContractError(VlmpressError, TypeError):
     """A (plugin) adapter returned something its interface does not allow, e.g. per-token encoder outputs."""
+
+
+class OutputError(VlmpressError, RuntimeError):
+    """An output could not be written (disk full, no permission); what existed before is kept."""

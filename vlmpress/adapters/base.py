@@ -81,11 +81,42 @@ class ModelAdapter(ABC):
     ) -> "ModelAdapter":
         """Rebuild the (randomly initialised) architecture from :meth:`spec_config` output.
 
-        ``load_compressed`` calls this with ``preprocessing_dir`` = the checkpoint directory, where
-        :meth:`save_preprocessing` wrote its files (tokenizer, image processor); adapters that need
-        none ignore it. The result must have the layout compressed state dicts use (the pipeline
-        calls :meth:`prepare_for_compression` on it before loading weights).
+        ``load_compressed`` calls this with ``preprocessing_dir`` = a private copy of the
+        checkpoint's hash-verified files (what :meth:`save_preprocessing` wrote: tokenizer, image
+        processor); adapters that need none ignore it. Read preprocessing files from there only
+        (``local_files_only=True``, never ``trust_remote_code``), never from a name in ``config``:
+        a checkpoint is data and must not reach other paths or a hub. ``config`` has passed
+        :meth:`spec_config_problem`. The result must have the layout compressed state dicts use
+        (the pipeline calls :meth:`prepare_for_compression` on it before loading weights).
         """
+
+    #: top-level keys :meth:`spec_config` writes; None accepts any (plugins that declare none)
+    spec_config_keys: ClassVar[frozenset[str] | None] = None
+
+    @classmethod
+    def spec_config_problem(cls, config: Any) -> str | None:
+        """Why a checkpoint's ``spec_config`` must not be built (allow-list of keys), or None.
+
+        Runs before :meth:`build_from_spec_config`. Families override it to check values that reach
+        a library loader (dtypes, tokenizer options); keys that switch on code are refused for every
+        family by the pipeline before this is called.
+        """
+        if not isinstance(config, dict):
+            return f"expected a mapping, got {type(config).__name__}"
+        if cls.spec_config_keys is not None:
+            unknown = sorted(str(k) for k in config if k not in cls.spec_config_keys)
+            if unknown:
+                return f"unknown key(s) {', '.join(unknown)} for family {cls.family} (allowed: {', '.join(sorted(cls.spec_config_keys))})"
+        return None
+
+    @classmethod
+    def require_valid_spec_config(cls, config: Any) -> None:
+        """:meth:`spec_config_problem` as a CheckpointError (first line of :meth:`build_from_spec_config`)."""
+        from vlmpress.errors import CheckpointError
+
+        problem = cls.spec_config_problem(config)
+        if problem:
+            raise CheckpointError(f"{cls.family} spec config: {problem}")
 
     def save_preprocessing(self, out_dir: str | Path) -> None:
         """Optional hook: write what :meth:`build_from_spec_config` needs besides the weights.

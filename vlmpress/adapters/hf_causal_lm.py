@@ -108,6 +108,13 @@ def _resolve_dtype(dtype: Any) -> torch.dtype | str | None:
     raise ConfigError(f"unknown torch_dtype {dtype!r}; use float32, float16, bfloat16 or auto")
 
 
+def saved_dtype_problem(dtype: Any) -> str | None:
+    """A checkpoint's recorded weight dtype must be one vlmpress builds models in."""
+    if dtype not in (None, "float32", "float16", "bfloat16"):
+        return f"'dtype' must be float32, float16 or bfloat16, got {str(dtype)[:40]!r}"
+    return None
+
+
 class HFCausalLMAdapter(ModelAdapter):
     """``transformers`` decoder-only LM (``AutoModelForCausalLM``) plus its tokenizer."""
 
@@ -189,12 +196,18 @@ class HFCausalLMAdapter(ModelAdapter):
         return cls(model, spec, cls._load_tokenizer(name))
 
     @staticmethod
-    def _load_tokenizer(name: str | Path):
+    def _load_tokenizer(name: str | Path, local_only: bool = False):
+        """The tokenizer at ``name``; None (a warning) when there is none. ``local_only``: that
+        directory's files only (checkpoints), where a failure is a CheckpointError."""
         from transformers import AutoTokenizer
 
         try:
-            return AutoTokenizer.from_pretrained(str(name))
+            return AutoTokenizer.from_pretrained(str(name), trust_remote_code=False, **({"local_files_only": True} if local_only else {}))
         except Exception as err:  # a model without a tokenizer can still be compressed with given windows
+            if local_only:
+                raise CheckpointError(
+                    f"the checkpoint's tokenizer files are unreadable ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"
+                ) from None
             logger.warning("no tokenizer found for %s (%s); text calibration and perplexity need one", name, err)
             return None
 
@@ -211,16 +224,29 @@ class HFCausalLMAdapter(ModelAdapter):
     ) -> "HFCausalLMAdapter":
         from transformers import AutoConfig, AutoModelForCausalLM
 
+        cls.require_valid_spec_config(config)
         try:
             hf_config = AutoConfig.for_model(**config["config"])
         except (KeyError, ValueError) as err:
             raise CheckpointError(f"cannot rebuild the model config from the checkpoint: {err}") from None
         dtype = _resolve_dtype(config.get("dtype")) or torch.float32
         model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype).to(device).eval()
-        tokenizer = None
+        tokenizer = None  # optional: a checkpoint of a model without a tokenizer has no tokenizer files
         if preprocessing_dir is not None and (Path(preprocessing_dir) / "tokenizer_config.json").is_file():
-            tokenizer = cls._load_tokenizer(preprocessing_dir)
+            tokenizer = cls._load_tokenizer(preprocessing_dir, local_only=True)
         return cls(model, f"hf:{hf_config.model_type}(rebuilt)", tokenizer)
+
+    spec_config_keys = frozenset({"model_type", "config", "dtype"})
+
+    @classmethod
+    def spec_config_problem(cls, config: Any) -> str | None:
+        problem = super().spec_config_problem(config)
+        if problem:
+            return problem
+        model_config = config.get("config")
+        if not isinstance(model_config, dict) or model_config.get("model_type") not in BLOCK_PATHS:
+            return f"'config' must be a transformers config of a supported model type ({', '.join(BLOCK_PATHS)})"
+        return saved_dtype_problem(config.get("dtype"))
 
     def save_preprocessing(self, out_dir: str | Path) -> None:
         """The tokenizer travels with compressed checkpoints (reload and evaluate without the original)."""

@@ -74,6 +74,18 @@ def _cached_model_type(name: str) -> str | None:
         return None
 
 
+def loader_options(local_only: bool) -> dict[str, Any]:
+    """``from_pretrained`` options: never remote code; checkpoint files only when ``local_only``."""
+    return {"trust_remote_code": False, **({"local_files_only": True} if local_only else {})}
+
+
+def named_config_problem(family: str, config: dict) -> str | None:
+    """Spec configs of transformers families hold the model's ``name`` (a label) and its ``config``."""
+    if not isinstance(config.get("name"), str) or not isinstance(config.get("config"), dict):
+        return f"{family} spec config needs 'name' (a string) and 'config' (a mapping)"
+    return None
+
+
 def _features(output: Any) -> torch.Tensor:
     """``get_*_features`` returns a tensor in older transformers, a ModelOutput (pooler_output) in 5.x."""
     if isinstance(output, torch.Tensor):
@@ -139,10 +151,12 @@ class HFDualEncoderAdapter(VisionLanguageAdapter):
         return isinstance(spec, str) and spec.startswith(PREFIX) and hf_model_type(spec) == cls.model_type
 
     @classmethod
-    def _load_preprocessing(cls, source: str | Path) -> tuple[Any, Any]:
+    def _load_preprocessing(cls, source: str | Path, local_only: bool = False) -> tuple[Any, Any]:
+        """Tokenizer and image processor from ``source``; ``local_only``: files in that directory only."""
         from transformers import AutoImageProcessor, AutoTokenizer
 
-        return AutoTokenizer.from_pretrained(str(source)), AutoImageProcessor.from_pretrained(str(source))
+        opts = loader_options(local_only)
+        return AutoTokenizer.from_pretrained(str(source), **opts), AutoImageProcessor.from_pretrained(str(source), **opts)
 
     @classmethod
     def load(cls, spec: str, *, device: str | torch.device = "cpu", **kwargs: Any) -> "HFDualEncoderAdapter":
@@ -177,30 +191,39 @@ class HFDualEncoderAdapter(VisionLanguageAdapter):
         device: str | torch.device = "cpu",
         preprocessing_dir: str | Path | None = None,
     ) -> "HFDualEncoderAdapter":
-        """Random-init model from the saved config (no download); processors from ``preprocessing_dir``.
+        """Random-init model from the saved config (no download); processors from ``preprocessing_dir`` only.
 
-        Without ``preprocessing_dir`` the processors are loaded from the original name (works offline
-        only for local directories and cached hub models); if that fails the adapter still builds and
+        ``preprocessing_dir`` is the checkpoint's verified files (see :meth:`ModelAdapter.build_from_spec_config`);
+        files missing there fail with a CheckpointError -- the saved ``name`` is a label, never a
+        place to read from. Without ``preprocessing_dir`` the adapter builds without processors and
         :meth:`tokenize`/:attr:`preprocess` raise a clear error when used.
         """
-        try:
-            name, model_config = config["name"], config["config"]
-        except (KeyError, TypeError):
-            raise CheckpointError(f"{cls.family} spec config needs 'name' and 'config'") from None
+        cls.require_valid_spec_config(config)
+        name, model_config = config["name"], config["config"]
         hf_config = cls._transformers_class(cls.config_class_name).from_dict(deepcopy(model_config))
         model = cls._transformers_class(cls.model_class_name)(hf_config).to(device).eval()
         tokenizer = image_processor = None
-        for source in [s for s in (preprocessing_dir, name) if s is not None]:
+        if preprocessing_dir is not None:
             try:
-                tokenizer, image_processor = cls._load_preprocessing(source)
-                break
-            except Exception as err:
-                logger.debug("no tokenizer/image processor at %s: %s", source, err)
-        else:
-            logger.warning("could not load the tokenizer/image processor of '%s'; tokenize/preprocess will fail", name)
+                tokenizer, image_processor = cls._load_preprocessing(preprocessing_dir, local_only=True)
+            except Exception as err:  # noqa: BLE001 - any loader failure means the files are absent or unusable
+                raise CheckpointError(
+                    f"the checkpoint's tokenizer/image processor files are missing or unreadable "
+                    f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); "
+                    "they are read from the checkpoint only"
+                ) from None
         adapter = cls(model, PREFIX + name, name=name, tokenizer=tokenizer, image_processor=image_processor)
         adapter.prepare_for_compression()  # the layout compressed state dicts use
         return adapter
+
+    spec_config_keys = frozenset({"family", "name", "config"})
+
+    @classmethod
+    def spec_config_problem(cls, config: Any) -> str | None:
+        problem = super().spec_config_problem(config)
+        if problem:
+            return problem
+        return named_config_problem(cls.family, config)
 
     def save_preprocessing(self, out_dir: str | Path) -> None:
         """Write tokenizer and image processor files so the checkpoint is self-contained."""

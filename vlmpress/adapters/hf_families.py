@@ -17,7 +17,7 @@ import math
 import torch
 
 from vlmpress.adapters.registry import register_adapter
-from vlmpress.adapters.hf_dual_encoder import HFDualEncoderAdapter
+from vlmpress.adapters.hf_dual_encoder import HFDualEncoderAdapter, loader_options
 
 
 @register_adapter
@@ -30,11 +30,13 @@ class HFSiglip2Adapter(HFDualEncoderAdapter):
     padding = "max_length"
 
     @classmethod
-    def _load_preprocessing(cls, source):
+    def _load_preprocessing(cls, source, local_only: bool = False):
         from transformers import AutoTokenizer, Siglip2ImageProcessor
 
-        processor = Siglip2ImageProcessor.from_pretrained(str(source))
-        return AutoTokenizer.from_pretrained(str(source)), _FixedGridSiglip2Processor(processor)
+        opts = loader_options(local_only)
+        # a concrete class: no remote code to switch off, only the file source
+        processor = Siglip2ImageProcessor.from_pretrained(str(source), **{k: v for k, v in opts.items() if k != "trust_remote_code"})
+        return AutoTokenizer.from_pretrained(str(source), **opts), _FixedGridSiglip2Processor(processor)
 
     def image_inputs(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
         pixels = pixels.to(self.device)

@@ -44,6 +44,7 @@ from torch import nn
 
 from vlmpress.adapters.base import ModelAdapter, TargetLayer
 from vlmpress.adapters.hf_clip import ImageProcessorTransform, hf_model_type, hf_name
+from vlmpress.adapters.hf_dual_encoder import loader_options, named_config_problem
 from vlmpress.adapters.merge import merge_lowrank_layers
 from vlmpress.errors import CalibrationError, CheckpointError, ConfigError, UnknownModelSpecError, VlmpressError
 
@@ -60,6 +61,8 @@ LLAVA15_CHAT_TEMPLATE = (
 
 #: the question the image is shown with; the caption is the answer whose likelihood is scored
 DEFAULT_PROMPT = "What is shown in this image?"
+#: any of these in a checkpoint means its processor was saved (``save_preprocessing``)
+PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json", "tokenizer_config.json")
 
 _ATTN_PARTS = {"self_attn", "attn", "attention", "self_attention"}
 
@@ -197,10 +200,10 @@ class HFGenerativeVLMAdapter(ModelAdapter):
         return isinstance(spec, str) and spec.startswith("hf:") and hf_model_type(spec) in cls.model_types
 
     @staticmethod
-    def _load_processor(source: str | Path):
+    def _load_processor(source: str | Path, local_only: bool = False):
         from transformers import AutoProcessor
 
-        return AutoProcessor.from_pretrained(str(source))
+        return AutoProcessor.from_pretrained(str(source), **loader_options(local_only))
 
     @classmethod
     def load(
@@ -251,23 +254,37 @@ class HFGenerativeVLMAdapter(ModelAdapter):
     ) -> "HFGenerativeVLMAdapter":
         from vlmpress.adapters.hf_causal_lm import _resolve_dtype
 
-        try:
-            name, model_config = config["name"], copy.deepcopy(config["config"])
-        except (KeyError, TypeError):
-            raise CheckpointError(f"{cls.family} spec config needs 'name' and 'config'") from None
+        cls.require_valid_spec_config(config)
+        name, model_config = config["name"], copy.deepcopy(config["config"])
         hf_config = cls._transformers_class(cls.config_class_name).from_dict(model_config)
         dtype = _resolve_dtype(config.get("dtype")) or torch.float32
         model = cls._transformers_class(cls.model_class_name)(hf_config).to(device=device, dtype=dtype).eval()
-        processor = None
-        for source in [s for s in (preprocessing_dir, name) if s is not None]:
+        processor = None  # read from the checkpoint's files only, never from the saved name
+        if preprocessing_dir is not None and any((Path(preprocessing_dir) / f).is_file() for f in PROCESSOR_FILES):
             try:
-                processor = cls._load_processor(source)
-                break
+                processor = cls._load_processor(preprocessing_dir, local_only=True)
             except Exception as err:  # noqa: BLE001
-                logger.debug("no processor at %s: %s", source, err)
+                raise CheckpointError(
+                    f"the checkpoint's processor files are unreadable ({type(err).__name__}: "
+                    f"{str(err).splitlines()[0] if str(err) else ''})"
+                ) from None
         else:
-            logger.warning("could not load the processor of '%s'; calibration and evaluation will fail", name)
+            logger.warning("the checkpoint of '%s' holds no processor files; calibration and evaluation will fail", name)
         return cls(model, "hf:" + name, name=name, processor=processor, prompt=config.get("prompt", DEFAULT_PROMPT))
+
+    spec_config_keys = frozenset({"family", "name", "config", "dtype", "prompt"})
+
+    @classmethod
+    def spec_config_problem(cls, config: Any) -> str | None:
+        problem = super().spec_config_problem(config)
+        if problem:
+            return problem
+        from vlmpress.adapters.hf_causal_lm import saved_dtype_problem
+
+        problem = named_config_problem(cls.family, config) or saved_dtype_problem(config.get("dtype"))
+        if problem is None and not isinstance(config.get("prompt", ""), str):
+            problem = "'prompt' must be a string"
+        return problem
 
     def save_preprocessing(self, out_dir: str | Path) -> None:
         """The processor (image processor, tokenizer, chat template) travels with compressed checkpoints."""

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import re
 import logging
 import tempfile
 from collections.abc import Sequence
@@ -117,29 +118,101 @@ def _effective_model_cfg(name: str, model: nn.Module, kwargs: dict) -> dict | No
     return _jsonable(cfg)
 
 
-def _tokenizer_for(name: str, model_cfg: dict, source: str, preprocessing_dir: str | Path | None = None):
-    """open_clip's tokenizer for a rebuilt model.
+#: open_clip tokenizer options a checkpoint may set, with their accepted values (nothing reaches a file path)
+TOKENIZER_OPTIONS: dict[str, tuple[type, tuple | None]] = {
+    "clean": (str, ("lower", "whitespace", "canonicalize")),
+    "strip_sep_token": (bool, None),
+    "language": (str, None),
+    "reduction_mask": (str, None),
+}
+#: where save_preprocessing puts the transformers config of an HF text tower (open_clip reads it by path)
+HF_TEXT_CONFIG_DIR = "text_config"
+_TOP_LEVEL_CFG = frozenset({"embed_dim", "vision_cfg", "text_cfg", "multimodal_cfg", "custom_text", "quick_gelu",
+                            "init_logit_scale", "init_logit_bias", "nonscalar_logit_scale", "cast_dtype"})
+
+
+def _tokenizer_options(text_cfg: dict) -> dict:
+    return dict(text_cfg.get("tokenizer_kwargs") or {})
+
+
+def _model_cfg_problem(model_cfg: Any) -> str | None:
+    """Allow-list of an open_clip ``model_cfg`` from a checkpoint: known keys, no download switch,
+    no timm hub name, tokenizer options from :data:`TOKENIZER_OPTIONS` only."""
+    import dataclasses
+
+    from open_clip.coca_model import MultimodalCfg
+    from open_clip.model import CLIPTextCfg, CLIPVisionCfg
+
+    if not isinstance(model_cfg, dict):
+        return f"'model_cfg' must be a mapping, got {type(model_cfg).__name__}"
+    unknown = sorted(str(k) for k in model_cfg if k not in _TOP_LEVEL_CFG)
+    if unknown:
+        return f"'model_cfg' has unknown key(s) {', '.join(unknown)}"
+    for key, cfg_cls in (("vision_cfg", CLIPVisionCfg), ("text_cfg", CLIPTextCfg), ("multimodal_cfg", MultimodalCfg)):
+        section = model_cfg.get(key, {})
+        if not isinstance(section, dict):
+            return f"'model_cfg.{key}' must be a mapping"
+        allowed = {f.name for f in dataclasses.fields(cfg_cls)}
+        unknown = sorted(str(k) for k in section if k not in allowed)
+        if unknown:
+            return f"'model_cfg.{key}' has unknown key(s) {', '.join(unknown)}"
+        for kwargs_key in ("act_kwargs", "norm_kwargs"):
+            extra = section.get(kwargs_key)
+            if extra is not None and (not isinstance(extra, dict) or not all(
+                    isinstance(v, (int, float, str, bool, type(None))) for v in extra.values())):
+                return f"'model_cfg.{key}.{kwargs_key}' must map names to plain values"
+    vision = model_cfg.get("vision_cfg", {})
+    if vision.get("timm_model_pretrained"):
+        return "'model_cfg.vision_cfg.timm_model_pretrained' is true: a checkpoint never downloads weights"
+    timm_name = vision.get("timm_model_name")
+    if timm_name is not None and (not isinstance(timm_name, str) or not re.fullmatch(r"[A-Za-z0-9_.\-]+", timm_name)):
+        return f"'model_cfg.vision_cfg.timm_model_name' {str(timm_name)[:60]!r} is not a plain timm model name"
+    text = model_cfg.get("text_cfg", {})
+    for key in ("hf_model_name", "hf_tokenizer_name", "tokenizer_mode"):
+        if text.get(key) is not None and not isinstance(text.get(key), str):
+            return f"'model_cfg.text_cfg.{key}' must be a string"
+    options = text.get("tokenizer_kwargs")
+    if options is not None:
+        if not isinstance(options, dict):
+            return "'model_cfg.text_cfg.tokenizer_kwargs' must be a mapping"
+        for key, value in options.items():
+            if key not in TOKENIZER_OPTIONS:
+                return (f"'model_cfg.text_cfg.tokenizer_kwargs' has the option {str(key)[:40]!r}; "
+                        f"accepted: {', '.join(TOKENIZER_OPTIONS)}")
+            kind, values = TOKENIZER_OPTIONS[key]
+            if not isinstance(value, kind) or (values is not None and value not in values):
+                return f"'model_cfg.text_cfg.tokenizer_kwargs.{key}' = {str(value)[:40]!r} is not accepted"
+    return None
+
+
+def _tokenizer_for(name: str, model_cfg: dict, preprocessing_dir: str | Path | None = None):
+    """open_clip's tokenizer for a rebuilt model, from the checkpoint's files and saved config only.
 
     A transformers tokenizer saved with the checkpoint (:meth:`OpenClipAdapter.save_preprocessing`)
-    comes first. A ``local-dir:`` source makes open_clip look for tokenizer files in that (temporary)
-    directory, so otherwise a registered name or the config's ``hf_tokenizer_name`` is used.
+    is read from ``preprocessing_dir/tokenizer``; a model whose config names a transformers
+    tokenizer but whose checkpoint lacks those files fails (the saved names are never looked up);
+    otherwise open_clip's built-in BPE tokenizer is built from the saved ``text_cfg``.
     """
-    from open_clip.tokenizer import HFTokenizer
+    from open_clip.tokenizer import DEFAULT_CONTEXT_LENGTH, HFTokenizer, SimpleTokenizer
 
     text_cfg = model_cfg.get("text_cfg") or {}
+    context_length = text_cfg.get("context_length", DEFAULT_CONTEXT_LENGTH)
+    options = _tokenizer_options(text_cfg)
     saved = Path(preprocessing_dir) / HF_TOKENIZER_DIR if preprocessing_dir is not None else None
-    has_saved = saved is not None and saved.is_dir()
-    if not has_saved and not name.startswith(_SCHEMAS) and open_clip.get_model_config(name) is not None:
-        return open_clip.get_tokenizer(name)
-    hf_source = str(saved) if has_saved else text_cfg.get("hf_tokenizer_name")
-    if hf_source:
-        return HFTokenizer(
-            hf_source,
-            context_length=text_cfg.get("context_length", 77),
-            tokenizer_mode=text_cfg.get("tokenizer_mode"),
-            **(text_cfg.get("tokenizer_kwargs") or {}),
+    if saved is not None and saved.is_dir():
+        try:
+            return HFTokenizer(str(saved), context_length=context_length, tokenizer_mode=text_cfg.get("tokenizer_mode"),
+                               trust_remote_code=False, local_files_only=True, **options)
+        except Exception as err:  # noqa: BLE001 - unusable files in the checkpoint
+            raise CheckpointError(f"the checkpoint's tokenizer files ({HF_TOKENIZER_DIR}/) are unreadable: {err}") from None
+    if text_cfg.get("hf_tokenizer_name") or "siglip" in name.lower():
+        raise CheckpointError(
+            f"open_clip model '{name}' uses a transformers tokenizer, but the checkpoint holds no {HF_TOKENIZER_DIR}/ files "
+            "(a checkpoint is read from its own files only)"
         )
-    return open_clip.get_tokenizer(source)
+    options.pop("strip_sep_token", None)
+    options.pop("language", None)
+    return SimpleTokenizer(context_length=context_length, **options)
 
 
 def _text_tower(model: nn.Module) -> nn.Module:
@@ -253,18 +326,28 @@ class OpenClipAdapter(VisionLanguageAdapter):
         ``preprocessing_dir`` is accepted for interface symmetry: open_clip's preprocessing and
         tokenizer are fully described by ``model_cfg``/``preprocess_cfg``.
         """
-        try:
-            name = config["model_name"]
-        except (KeyError, TypeError):
-            raise CheckpointError("open_clip spec config lacks 'model_name'") from None
+        cls.require_valid_spec_config(config)
+        name = config["model_name"]
         model_cfg = config.get("model_cfg") or (None if name.startswith(_SCHEMAS) else open_clip.get_model_config(name))
         if model_cfg is None:
             raise CheckpointError(
                 f"open_clip spec config for '{name}' holds no model_cfg, "
                 "and the name is not a registered open_clip model"
             )
+        build_cfg = deepcopy(model_cfg)
+        text_cfg = build_cfg.get("text_cfg") or {}
+        if text_cfg.get("hf_model_name"):
+            # open_clip reads the transformers text config from this path: the checkpoint's copy only
+            text_dir = Path(preprocessing_dir) / HF_TEXT_CONFIG_DIR if preprocessing_dir is not None else None
+            if text_dir is None or not (text_dir / "config.json").is_file():
+                raise CheckpointError(
+                    f"open_clip model '{name}' has a transformers text tower, but the checkpoint holds no "
+                    f"{HF_TEXT_CONFIG_DIR}/config.json (written by vlmpress >= 0.2; re-save the checkpoint)"
+                )
+            text_cfg["hf_model_name"] = str(text_dir)
+            text_cfg["hf_model_pretrained"] = False
         with tempfile.TemporaryDirectory(prefix="vlmpress-open_clip-") as tmp:
-            payload = {"model_cfg": model_cfg}
+            payload = {"model_cfg": build_cfg}
             if config.get("preprocess_cfg"):
                 payload["preprocess_cfg"] = config["preprocess_cfg"]
             (Path(tmp) / CONFIG_FILE).write_text(json.dumps(payload), encoding="utf-8")
@@ -273,7 +356,7 @@ class OpenClipAdapter(VisionLanguageAdapter):
             model, _, preprocess = open_clip.create_model_and_transforms(
                 source, pretrained=None, device=device, pretrained_hf=False
             )
-            tokenizer = _tokenizer_for(name, model_cfg, source, preprocessing_dir)
+        tokenizer = _tokenizer_for(name, model_cfg, preprocessing_dir)
         pretrained = config.get("pretrained")
         spec = PREFIX + name + (f"/{pretrained}" if pretrained else "")
         adapter = cls(
@@ -289,11 +372,40 @@ class OpenClipAdapter(VisionLanguageAdapter):
         return adapter
 
     def save_preprocessing(self, out_dir: str | Path) -> None:
-        """Save a transformers tokenizer (HF text towers) under ``tokenizer/``; open_clip's own BPE
-        tokenizer and the image transform are rebuilt from the spec config."""
+        """Save a transformers tokenizer under ``tokenizer/`` and a transformers text tower's config
+        under ``text_config/``; open_clip's own BPE tokenizer and the image transform are rebuilt
+        from the spec config."""
         hf_tokenizer = getattr(self.tokenizer, "tokenizer", None)
         if hasattr(hf_tokenizer, "save_pretrained"):
             hf_tokenizer.save_pretrained(str(Path(out_dir) / HF_TOKENIZER_DIR))
+        hf_config = getattr(getattr(self.model, "text", None), "config", None)
+        if hasattr(hf_config, "save_pretrained"):
+            hf_config.save_pretrained(str(Path(out_dir) / HF_TEXT_CONFIG_DIR))
+
+    spec_config_keys = frozenset({"family", "model_name", "pretrained", "model_cfg", "preprocess_cfg"})
+
+    @classmethod
+    def spec_config_problem(cls, config: Any) -> str | None:
+        problem = super().spec_config_problem(config)
+        if problem:
+            return problem
+        if not isinstance(config.get("model_name"), str) or not config["model_name"]:
+            return "open_clip spec config needs 'model_name' (a non-empty string)"
+        if config.get("pretrained") is not None and not isinstance(config["pretrained"], str):
+            return "'pretrained' must be a string label or null"
+        if config.get("model_cfg") is not None:
+            problem = _model_cfg_problem(config["model_cfg"])
+            if problem:
+                return problem
+        preprocess = config.get("preprocess_cfg")
+        if preprocess is not None:
+            from open_clip.transform import PreprocessCfg
+            import dataclasses
+
+            allowed = {f.name for f in dataclasses.fields(PreprocessCfg)}
+            if not isinstance(preprocess, dict) or any(k not in allowed for k in preprocess):
+                return f"'preprocess_cfg' must be a mapping with keys among {', '.join(sorted(allowed))}"
+        return None
 
     # ------------------------------------------------------------------ compression hooks
     def prepare_for_compression(self) -> None:

@@ -27,14 +27,7 @@ import logging
 from contextlib import contextmanager
 from importlib import metadata
 
-from vlmpress.adapters.base import (
-    ModelAdapter,
-    TargetLayer,
-    VisionLanguageAdapter,
-    replace_module,
-    select_targets,
-    weight_matrix,
-)
+from vlmpress.adapters.base import ModelAdapter
 from vlmpress.errors import UnknownModelSpecError
 
 logger = logging.getLogger(__name__)
@@ -149,7 +142,7 @@ def get_adapter_class(family: str) -> type[ModelAdapter]:
         raise UnknownModelSpecError(
             f"unknown adapter family '{family}'{why}; known adapters: {', '.join(known_adapters())}. "
             f"A family outside vlmpress is provided by an installed package declaring an entry point "
-            f"'{family}' in the group '{ENTRY_POINT_GROUP}' (see README 'Adding an adapter')"
+            f"'{family}' in the group '{ENTRY_POINT_GROUP}' (see docs/adapters.md)"
         )
     return cls
 
@@ -230,22 +223,17 @@ def _hf_unsupported(spec: str) -> UnknownModelSpecError:
         f"Dual encoders: {_supported_hf_types()}; causal LMs (text only), supported model types: "
         f"{', '.join(SUPPORTED_MODEL_TYPES)}. To add one, subclass vlmpress.adapters.HFDualEncoderAdapter "
         f"(or ModelAdapter) and register it under the entry-point group '{ENTRY_POINT_GROUP}' "
-        "(README: 'Adding an adapter')."
+        "(see docs/adapters.md)."
     )
 
 
 __all__ = [
     "ENTRY_POINT_GROUP",
-    "ModelAdapter",
-    "TargetLayer",
-    "VisionLanguageAdapter",
     "adapter_for_spec",
+    "adapter_origin",
     "get_adapter_class",
     "known_adapters",
     "plugin_entry_points",
     "register_adapter",
     "use_adapter",
-    "replace_module",
-    "select_targets",
-    "weight_matrix",
 ]

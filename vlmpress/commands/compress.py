@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import shutil
 from pathlib import Path
 
 from vlmpress.pipeline.config import ALLOCATIONS, METHODS, CompressionConfig
@@ -32,7 +31,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="model spec (open_clip:NAME[/PRETRAINED], hf:NAME_OR_DIR) or a compressed dir")
     p.add_argument("--config", help="YAML recipe (keys of CompressionConfig); flags override it")
     p.add_argument("--out", required=True, help="output directory for the compressed checkpoint")
-    p.add_argument("--overwrite", action="store_true", help="replace an output directory holding something else")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing vlmpress checkpoint at --out (never other content, never the input model)")
     p.add_argument("--export-dense", metavar="DIR", help="also write a merged, stock checkpoint of the family here")
     g = p.add_argument_group("method and ranks")
     g.add_argument("--method", choices=list(METHODS))
@@ -98,10 +97,12 @@ def config_from_args(args: argparse.Namespace) -> CompressionConfig:
 
 def run(args: argparse.Namespace) -> int:
     from vlmpress.api import compress_model
-    from vlmpress.pipeline.checkpoint import check_output_dir, export_dense, save_compressed
+    from vlmpress.pipeline.checkpoint import check_export_dir, check_output_dir, export_dense, save_compressed
 
     config = config_from_args(args)
     check_output_dir(args.out, config.model, args.overwrite)  # cheap checks before any model loads
+    if args.export_dense:
+        check_export_dir(args.export_dense, args.out, config.model, args.overwrite)
     resume = getattr(args, "resume", False)
     if resume and config.mode != "sequential":
         raise ConfigError("--resume applies to --mode sequential runs only")
@@ -114,7 +115,11 @@ def run(args: argparse.Namespace) -> int:
     print(report.format_summary() if getattr(args, "quiet", False) else report.format_table(max_rows=60))
     out = save_compressed(adapter, args.out, report, overwrite=args.overwrite)
     if state_dir is not None:
-        shutil.rmtree(state_dir, ignore_errors=True)  # the checkpoint now holds everything
+        from vlmpress.pipeline.checkpoint import read_checkpoint_config, verify_checkpoint_files
+        from vlmpress.pipeline.sequential_state import remove_state
+
+        verify_checkpoint_files(out, read_checkpoint_config(out))  # re-read from disk: the state goes only after this
+        remove_state(state_dir)  # the checkpoint now holds everything
     print(f"\nsaved: {out}  (report: {out / 'compression_report.json'}, {out / 'compression_report.csv'})")
     if args.export_dense:
         dense = export_dense(adapter, args.export_dense, overwrite=args.overwrite)

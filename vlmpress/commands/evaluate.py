@@ -96,10 +96,23 @@ def _parse_split_files(values: list[str] | None, datasets: list[str]) -> dict[st
     return out
 
 
+def _content_key(ds) -> str:
+    """Identity of the images' content: every file's path, size and modification time (no image is
+    read), so images changed in place get a new cache instead of stale pixels."""
+    import hashlib
+    import os
+
+    digest = hashlib.sha256()
+    for sample in ds.samples:
+        st = os.stat(sample.path)
+        digest.update(f"{sample.path}\0{sample.label}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:16]
+
+
 def _cache_path(cache_dir: Path, ds, fingerprint: str) -> Path:
     from vlmpress.evaluation.results import _slug
 
-    return cache_dir / f"{_slug(ds.name)}__{_slug(ds.split_id)}__{fingerprint}.pt"
+    return cache_dir / f"{_slug(ds.name)}__{_slug(ds.split_id)}__{fingerprint}__{_content_key(ds)}.pt"
 
 
 def _images_for(ds, adapter, args):
@@ -108,10 +121,20 @@ def _images_for(ds, adapter, args):
         return ds
     from vlmpress.evaluation.zeroshot import PreprocessedImages, preprocess_fingerprint, preprocess_images
 
-    path = _cache_path(Path(args.cache_dir), ds, preprocess_fingerprint(adapter.preprocess))
+    fingerprint = preprocess_fingerprint(adapter.preprocess)
+    path = _cache_path(Path(args.cache_dir), ds, fingerprint)
+    if path.exists() and not path.is_file():
+        raise ConfigError(f"--cache-dir entry {path} is not a file; remove it or choose another --cache-dir")
+    cached = None
     if path.is_file():
-        cached = PreprocessedImages.load(path)
-        if len(cached) == len(ds) and cached.split_id == ds.split_id:
+        try:
+            cached = PreprocessedImages.load(path)
+        except DatasetError as err:
+            logger.warning("%s; rebuilding it", err)
+    if cached is not None:
+        labels_match = [int(x) for x in cached.labels.tolist()] == [s.label for s in ds.samples]
+        if (len(cached) == len(ds) and cached.split_id == ds.split_id and labels_match and cached.preprocess_id == fingerprint
+                and cached.classnames == list(ds.classnames)):
             logger.info("using preprocessed images %s", path)
             cached.templates = list(ds.templates)
             return cached
@@ -143,11 +166,11 @@ def run(args: argparse.Namespace) -> int:
     if lm_requested:
         from vlmpress.commands.evaluate_lm import run_lm
 
-        args.batch_size = args.batch_size or 1
+        args.batch_size = 1 if args.batch_size is None else args.batch_size  # 0 is refused, not replaced
         return run_lm(args)
     if not args.datasets:
         raise ConfigError("nothing to evaluate: pass --datasets (CLIP zero-shot) or --perplexity/--tasks (LLMs)")
-    args.batch_size = args.batch_size or 64
+    args.batch_size = 64 if args.batch_size is None else args.batch_size  # 0 is refused, not replaced
     return _run_zeroshot(args)
 
 
@@ -158,10 +181,12 @@ def _run_zeroshot(args: argparse.Namespace) -> int:
     from vlmpress.evaluation.results import make_record, write_record
     from vlmpress.evaluation.zeroshot import autocast_context, evaluate_zeroshot, resolve_device
 
-    if args.batch_size < 1:
-        raise ConfigError(f"--batch-size must be positive, got {args.batch_size}")
-    if args.num_workers < 0:
-        raise ConfigError(f"--num-workers must be >= 0, got {args.num_workers}")
+    if not 1 <= args.batch_size <= 1 << 16:
+        raise ConfigError(f"--batch-size must be in [1, {1 << 16}], got {args.batch_size}")
+    if not 0 <= args.num_workers <= 256:
+        raise ConfigError(f"--num-workers must be in [0, 256], got {args.num_workers}")
+    if not (args.test_fraction == args.test_fraction and 0 < args.test_fraction < 1):
+        raise ConfigError(f"--test-fraction must be strictly between 0 and 1, got {args.test_fraction}")
     if args.save_predictions is not None and args.save_predictions < 1:
         raise ConfigError(f"--save-predictions K must be a positive number of classes, got {args.save_predictions}")
     if args.limit is not None and args.limit < 1:

@@ -70,8 +70,16 @@ def _check_args(args: argparse.Namespace) -> list[str]:
     tasks = [t.strip() for t in (getattr(args, "tasks", None) or "").split(",") if t.strip()]
     if not getattr(args, "perplexity", None) and not tasks:
         raise ConfigError("nothing to evaluate: pass --perplexity FILE_OR_DATASET and/or --tasks a,b")
-    if args.seq_len is not None and args.seq_len < 2:
-        raise ConfigError(f"--seq-len must be >= 2, got {args.seq_len}")
+    if args.seq_len is not None and not 2 <= args.seq_len <= 1 << 20:
+        raise ConfigError(f"--seq-len must be in [2, {1 << 20}], got {args.seq_len}")
+    for flag, value, low, high in (("--max-tokens", getattr(args, "max_tokens", None), 1, 1 << 40),
+                                   ("--batch-size", getattr(args, "batch_size", None), 1, 1 << 16),
+                                   ("--num-fewshot", getattr(args, "num_fewshot", None), 0, 1000)):
+        if value is not None and not low <= value <= high:
+            raise ConfigError(f"{flag} must be in [{low}, {high}], got {value}")
+    limit = getattr(args, "task_limit", None)
+    if limit is not None and not (limit == limit and 0 < limit < 1e9):
+        raise ConfigError(f"--task-limit must be a positive count or fraction, got {limit}")
     if args.stride is not None and args.seq_len is not None and not 1 <= args.stride <= args.seq_len:
         raise ConfigError(f"--stride must be in [1, seq-len={args.seq_len}], got {args.stride}")
     if tasks:

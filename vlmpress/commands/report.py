@@ -23,21 +23,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def _lm_records(paths: list[str]) -> list[dict]:
     """LLM result lines (``kind`` perplexity / lm_eval) of the given files; others are left to Table 2."""
-    import json
-
-    from vlmpress.evaluation.results import RESULTS_JSONL
+    from vlmpress.evaluation.results import RESULTS_JSONL, iter_json_records
 
     out = []
     for p in map(Path, paths):
         p = p / RESULTS_JSONL if p.is_dir() else p
         if not p.is_file():
             continue
-        lines = [p.read_text(encoding="utf-8")] if p.suffix == ".json" else p.read_text(encoding="utf-8").splitlines()
-        for line in lines:
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # truncated line: read_records warns about it
+        for _, rec in iter_json_records(p):
             if isinstance(rec, dict) and rec.get("kind") in LM_KINDS:
                 out.append(rec)
     return out

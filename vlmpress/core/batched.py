@@ -3,9 +3,10 @@
 A transformer tower has a handful of layer shapes (q/k/v/out and the two MLP layers, repeated in
 every block). Solving each shape's layers as one batch turns ~100 small problems into a few
 batched ``torch.linalg`` calls: one host synchronisation per ALS round for the whole batch, and
-memory bounded by the batch size. Every member computes what the per-layer solver in
-:mod:`vlmpress.core.solvers` computes (same SVD start, same rounds, same stopping rule, same
-reported errors); the tests hold the two paths equal.
+memory bounded by the batch size. The rounds themselves (:func:`~vlmpress.core.solvers.als_rounds`)
+and the ending (:func:`~vlmpress.core.solvers.finish_factorization`) are the per-layer solver's own
+functions -- the per-layer solve is a batch of one -- so every member computes what
+:func:`~vlmpress.core.solvers.solve_als` computes; this module only stacks the reduced problems.
 
 Ranks may differ inside a batch (one tolerance gives heterogeneous ranks): a member of rank
 ``r`` below the batch's largest rank ``R`` carries ``R - r`` zero columns. They stay exactly
@@ -20,7 +21,6 @@ implementation.
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 from typing import Sequence
@@ -32,16 +32,13 @@ from vlmpress.core.solvers import (
     _ALS_MAX_ITERS,
     _ALS_TOL,
     _CHOLQR_MIN_PIVOT,
-    _ROUNDS_PER_EIGH,
     _SVD_BASIS_MIN_RATIO,
     Factorization,
-    _balance_columns,
     _Reduced,
-    _rel_error,
     _top_eigenvectors,
-    _weight_error,
     als_limit,
-    finish_at_limit,
+    als_rounds,
+    finish_factorization,
     full_svd,
     gram_eigen,
     inverse_values,
@@ -94,30 +91,6 @@ def plan_batches(
     return batches
 
 
-def _orthonormal_batched(Y: torch.Tensor, pad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Cholesky-QR twice on a batch (padding columns get an identity Gram block and stay zero).
-    Returns (Q, ok): members with ``ok`` False need the Householder fallback (checked by the caller
-    at its one sync per round, so this function never synchronises)."""
-    X = Y
-    ok = torch.ones(Y.shape[0], dtype=torch.bool, device=Y.device)
-    eye_pad = torch.diag_embed(pad)
-    for _ in range(2):
-        G = X.mT @ X
-        diag_max = G.diagonal(dim1=-2, dim2=-1).amax(-1)
-        L, info = torch.linalg.cholesky_ex(G + eye_pad)
-        pivots = L.diagonal(dim1=-2, dim2=-1)
-        real = pivots.square().masked_fill(pad > 0, math.inf).amin(-1)
-        ok &= (info == 0) & (real > 1e-14 * diag_max)
-        X = torch.linalg.solve_triangular(L.mT, X, upper=True, left=False)
-    return X, ok
-
-
-def _householder(Y: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    """Per-layer fallback of :func:`_orthonormal_batched` (QR is column-sequential, so the first r
-    columns equal those of the unpadded QR; the padding's completion vectors are masked)."""
-    return torch.linalg.qr(Y).Q * keep
-
-
 @dataclass
 class _BatchProblem:
     """The stacked reduced problems (see :mod:`vlmpress.core.solvers`): W = Z C, K = C M C^T."""
@@ -160,20 +133,11 @@ class _BatchProblem:
     def finish(self, i: int, rank: int, Q: torch.Tensor, sq_error: float, total: float, method: str, seconds: float,
                balance: bool, **extra) -> Factorization:
         """Member i's :class:`Factorization` from its (unpadded) Q, exactly as the per-layer solvers finish."""
-        reduced = self.member(i)
-        A, B0 = reduced.factors(Q)
-        A, B = _balance_columns(A, B0) if balance else (A, B0)
-        act, explicit = _rel_error(reduced, Q, sq_error, total)
-        history = extra.pop("history", [])
-        act0 = None
-        if method == "als":
-            history[extra["best_iter"]] = act  # the returned iterate's entry holds its exact value
-            if explicit and extra["best_iter"] != 0:
-                history[0] = _rel_error(reduced, extra.pop("Q0")[:, :rank], 0.0, total)[0]
-            extra.pop("Q0", None)
-            act0 = history[0]
-        info = dict(extra, basis=self.basis, explicit_error=explicit)
-        return Factorization(A, B, method, rank, _weight_error(reduced, B0, A, B), act, act0, seconds, history, info)
+        history, best_iter, Q0 = extra.pop("history", None), extra.get("best_iter", 0), extra.pop("Q0", None)
+        return finish_factorization(
+            self.member(i), rank, Q, sq_error, total, method, seconds, balance, extra,
+            history=history, best_iter=best_iter, Q0=None if Q0 is None else Q0[:, :rank],
+        )
 
 
 def _per_layer(method, W, M, rank, S, vecs, **kwargs) -> Factorization:
@@ -284,78 +248,28 @@ def _closed_form(problem: _BatchProblem, idx, ranks, totals, balance, results, t
 
 
 def _als(problem: _BatchProblem, idx, ranks, totals, vecs, fixed, iters, tol, max_iters, exact_finish, balance, results, t0) -> None:
-    """ALS rounds (subspace iteration ``Q <- orth(K Q)``, see :func:`solve_als`) for the covered
-    members together: one host sync per round; members leave the batch when they stop."""
+    """ALS rounds (:func:`~vlmpress.core.solvers.als_rounds`) for the covered members together,
+    started from the SVD start in the batch's basis."""
     dev = problem.K.device
     d = problem.K.shape[-1]
     R = max(ranks[i] for i in idx)
     sel = torch.tensor(idx, device=dev)
-    keep = (torch.arange(R, device=dev) < torch.tensor([ranks[i] for i in idx], device=dev).unsqueeze(-1)).to(torch.float64)
     K = problem.K[sel]
-    total = torch.tensor([totals[i] for i in idx], dtype=torch.float64, device=dev)
     if problem.basis == "identity":  # wide: the SVD start's span is W's top-r left singular vectors
-        Q0 = vecs[sel][..., :R] * keep.unsqueeze(-2)
+        Q0 = vecs[sel][..., :R]
     else:  # tall, SVD basis (C = S V^T): the first r coordinate directions
-        Q0 = torch.eye(d, R, dtype=torch.float64, device=dev).expand(len(idx), d, R) * keep.unsqueeze(-2)
-    KQ = K @ Q0
-    start = (total - (Q0 * KQ).sum((-2, -1))).clamp_min(0).tolist()
-    histories = [[(s / totals[i]) ** 0.5] for s, i in zip(start, idx)]
-    best_sq, best_iter, best_Q = list(start), [0] * len(idx), list(Q0.unbind(0))
-    n_rounds = int(iters) if fixed else int(max_iters)
-    budgets = [
-        max(3, int(_ROUNDS_PER_EIGH * d / (2 * ranks[i] + 4 * ranks[i] * ranks[i] / d))) if exact_finish and not fixed else n_rounds
-        for i in idx
-    ]
-    done, converged, finish = [0] * len(idx), [fixed] * len(idx), [None] * len(idx)
-    active = list(range(len(idx)))  # positions (into idx) still iterating; K/keep/total/KQ hold only these
-    K_a, keep_a, total_a = K, keep, total
-    for it in range(1, n_rounds + 1):
-        if not active:
-            break
-        Q, ok = _orthonormal_batched(KQ, 1.0 - keep_a)
-        KQ_next = K_a @ Q
-        cur = (total_a - (Q * KQ_next).sum((-2, -1))).clamp_min(0)
-        host = torch.cat([cur, ok.to(torch.float64)]).tolist()  # the round's one host sync
-        cur_h, ok_h = host[: len(active)], host[len(active):]
-        for j, good in enumerate(ok_h):
-            if not good:  # ill-conditioned K Q: Householder QR for this member, as the per-layer solver does
-                Q[j] = _householder(KQ[j], keep_a[j])
-                KQ_next[j] = K_a[j] @ Q[j]
-                cur_h[j] = max(totals[idx[active[j]]] - float((Q[j] * KQ_next[j]).sum()), 0.0)
-        still: list[int] = []
-        for j, p in enumerate(active):
-            i = idx[p]
-            done[p] = it
-            histories[p].append((cur_h[j] / totals[i]) ** 0.5)
-            if cur_h[j] < best_sq[p]:
-                best_sq[p], best_iter[p], best_Q[p] = cur_h[j], it, Q[j]
-            h = histories[p]
-            if not fixed and abs(h[-2] - h[-1]) <= tol * max(h[-1], 1e-300):
-                converged[p] = True
-            elif not fixed and exact_finish and it < n_rounds and finish_at_limit(h, it, budgets[p], tol):
-                # slow convergence: jump to the rounds' limit, the top-r eigenspace of K (as solve_als)
-                top, Qe = _top_eigenvectors(K_a[j], ranks[i])
-                sq = max(totals[i] - float(top.clamp_min(0).sum()), 0.0)
-                h.append((sq / totals[i]) ** 0.5)
-                if sq <= best_sq[p]:
-                    padded = torch.zeros(d, R, dtype=torch.float64, device=dev)
-                    padded[:, : ranks[i]] = Qe.to(padded)
-                    best_sq[p], best_iter[p], best_Q[p] = sq, len(h) - 1, padded
-                converged[p], finish[p] = True, "limit"
-            else:
-                still.append(j)
-        if len(still) != len(active):
-            keep_idx = torch.tensor(still, dtype=torch.long, device=dev)
-            K_a, keep_a, total_a, KQ = K_a[keep_idx], keep_a[keep_idx], total_a[keep_idx], KQ_next[keep_idx]
-            active = [active[j] for j in still]
-        else:
-            KQ = KQ_next
+        Q0 = torch.eye(d, R, dtype=torch.float64, device=dev).expand(len(idx), d, R)
+    runs = als_rounds(
+        K, Q0, [ranks[i] for i in idx], [totals[i] for i in idx],
+        iters=iters if fixed else None, tol=tol, max_iters=max_iters, exact_finish=exact_finish,
+    )
     seconds = (time.perf_counter() - t0) / len(results)
-    for p, i in enumerate(idx):
-        info = dict(mode="fixed" if fixed else "tolerance", iters=done[p], best_iter=best_iter[p], converged=converged[p], batch=len(results))
-        if finish[p]:
-            info["finish"] = finish[p]
+    for p, (run, i) in enumerate(zip(runs, idx)):
+        info = dict(mode="fixed" if fixed else "tolerance", iters=run.iters, best_iter=run.best_iter,
+                    converged=run.converged, batch=len(results))
+        if run.finish:
+            info["finish"] = run.finish
         results[i] = problem.finish(
-            i, ranks[i], best_Q[p][:, : ranks[i]], best_sq[p], totals[i], "als", seconds, balance,
-            history=histories[p], Q0=Q0[p], **info,
+            i, ranks[i], run.Q[:, : ranks[i]], run.sq_error, totals[i], "als", seconds, balance,
+            history=run.history, Q0=Q0[p], **info,
         )

@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
@@ -413,17 +413,29 @@ def _top_eigenvectors(K: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tens
     return vals.flip(0)[:r], vecs.flip(1)[:, :r]
 
 
-def _orthonormal(Y: torch.Tensor) -> torch.Tensor:
-    """Orthonormal basis of span(Y): Cholesky-QR twice (GEMM-speed, stable for cond(Y) < ~1e7),
-    Householder QR when Y is too ill-conditioned or rank-deficient for it."""
+def _orthonormal_batched(Y: torch.Tensor, pad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Orthonormal bases of span(Y[j]): Cholesky-QR twice on the batch (GEMM-speed, stable for
+    cond(Y) < ~1e7; padding columns get an identity Gram block and stay zero). Returns (Q, ok):
+    members with ``ok`` False are too ill-conditioned or rank-deficient for it and need the
+    Householder fallback (checked by the caller at its one sync per round, so this never syncs)."""
     X = Y
+    ok = torch.ones(Y.shape[0], dtype=torch.bool, device=Y.device)
+    eye_pad = torch.diag_embed(pad)
     for _ in range(2):
         G = X.mT @ X
-        L, info = torch.linalg.cholesky_ex(G)
-        if int(info) != 0 or not bool(L.diagonal().min().square() > 1e-14 * G.diagonal().max()):
-            return torch.linalg.qr(Y).Q
+        diag_max = G.diagonal(dim1=-2, dim2=-1).amax(-1)
+        L, info = torch.linalg.cholesky_ex(G + eye_pad)
+        pivots = L.diagonal(dim1=-2, dim2=-1)
+        real = pivots.square().masked_fill(pad > 0, math.inf).amin(-1)
+        ok &= (info == 0) & (real > 1e-14 * diag_max)
         X = torch.linalg.solve_triangular(L.mT, X, upper=True, left=False)
-    return X
+    return X, ok
+
+
+def _householder(Y: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Fallback of :func:`_orthonormal_batched` for one member (QR is column-sequential, so the
+    first r columns equal those of the unpadded QR; the padding's completion vectors are masked)."""
+    return torch.linalg.qr(Y).Q * keep
 
 
 def finish_at_limit(history: list[float], it: int, budget: int, tol: float) -> bool:
@@ -447,6 +459,105 @@ def finish_at_limit(history: list[float], it: int, budget: int, tol: float) -> b
     return it + math.log(need / d2) / math.log(rho) > budget
 
 
+@dataclass
+class AlsRounds:
+    """One member's outcome of :func:`als_rounds`: the best iterate (padded to the batch's R columns)."""
+
+    Q: torch.Tensor
+    sq_error: float
+    history: list[float]
+    iters: int
+    best_iter: int
+    converged: bool
+    finish: str | None = None
+
+
+def als_rounds(
+    K: torch.Tensor,
+    Q0: torch.Tensor,
+    ranks: Sequence[int],
+    totals: Sequence[float],
+    *,
+    iters: int | None = None,
+    tol: float = _ALS_TOL,
+    max_iters: int = _ALS_MAX_ITERS,
+    exact_finish: bool = True,
+) -> list[AlsRounds]:
+    """The ALS rounds of Eq. 6 for a batch of reduced problems; the only implementation of them.
+
+    ``K`` (b, d, d) holds each member's ``C M C^T``, ``Q0`` (b, d, R) its orthonormal start (rank
+    ``ranks[j]`` <= R; columns past it zero), ``totals[j]`` = tr K[j] > 0. One round is one step
+    of subspace iteration ``Q <- orth(K Q)`` for every member still iterating, with one host
+    synchronisation per round; a member leaves when it stops. ``iters=N`` runs exactly N rounds
+    (the paper's tau); ``iters=None`` stops at a relative change <= ``tol`` (at most ``max_iters``),
+    and with ``exact_finish`` a slowly converging member jumps to the rounds' limit, the top-r
+    eigenspace of K, once the rounds cost about one eigendecomposition (:func:`finish_at_limit`).
+    The per-layer solver is a batch of one.
+    """
+    b, d, R = Q0.shape
+    dev = K.device
+    fixed = iters is not None
+    keep = (torch.arange(R, device=dev) < torch.tensor(list(ranks), device=dev).unsqueeze(-1)).to(torch.float64)
+    total = torch.tensor(list(totals), dtype=torch.float64, device=dev)
+    Q0 = Q0 * keep.unsqueeze(-2)
+    KQ = K @ Q0
+    start = (total - (Q0 * KQ).sum((-2, -1))).clamp_min(0).tolist()
+    histories = [[(s / totals[p]) ** 0.5] for p, s in enumerate(start)]
+    best_sq, best_iter, best_Q = list(start), [0] * b, list(Q0.unbind(0))
+    n_rounds = int(iters) if fixed else int(max_iters)
+    budgets = [
+        max(3, int(_ROUNDS_PER_EIGH * d / (2 * r + 4 * r * r / d))) if exact_finish and not fixed else n_rounds
+        for r in ranks
+    ]
+    done, converged, finish = [0] * b, [fixed] * b, [None] * b
+    active = list(range(b))  # members still iterating; K_a / keep_a / total_a / KQ hold only these
+    K_a, keep_a, total_a = K, keep, total
+    for it in range(1, n_rounds + 1):
+        if not active:
+            break
+        Q, ok = _orthonormal_batched(KQ, 1.0 - keep_a)
+        KQ_next = K_a @ Q
+        cur = (total_a - (Q * KQ_next).sum((-2, -1))).clamp_min(0)
+        host = torch.cat([cur, ok.to(torch.float64)]).tolist()  # the round's one host sync
+        cur_h, ok_h = host[: len(active)], host[len(active):]
+        for j, good in enumerate(ok_h):
+            if not good:  # ill-conditioned K Q: Householder QR for this member
+                Q[j] = _householder(KQ[j], keep_a[j])
+                KQ_next[j] = K_a[j] @ Q[j]
+                cur_h[j] = max(totals[active[j]] - float((Q[j] * KQ_next[j]).sum()), 0.0)
+        still: list[int] = []
+        for j, p in enumerate(active):
+            done[p] = it
+            h = histories[p]
+            h.append((cur_h[j] / totals[p]) ** 0.5)
+            if cur_h[j] < best_sq[p]:
+                best_sq[p], best_iter[p], best_Q[p] = cur_h[j], it, Q[j]
+            if not fixed and abs(h[-2] - h[-1]) <= tol * max(h[-1], 1e-300):
+                converged[p] = True
+            elif not fixed and exact_finish and it < n_rounds and finish_at_limit(h, it, budgets[p], tol):
+                # slow convergence: jump to the rounds' limit, the top-r eigenspace of K
+                top, Qe = _top_eigenvectors(K_a[j], ranks[p])
+                sq = max(totals[p] - float(top.clamp_min(0).sum()), 0.0)
+                h.append((sq / totals[p]) ** 0.5)
+                if sq <= best_sq[p]:
+                    padded = torch.zeros(d, R, dtype=torch.float64, device=dev)
+                    padded[:, : ranks[p]] = Qe.to(padded)
+                    best_sq[p], best_iter[p], best_Q[p] = sq, len(h) - 1, padded
+                converged[p], finish[p] = True, "limit"
+            else:
+                still.append(j)
+        if len(still) != len(active):
+            keep_idx = torch.tensor(still, dtype=torch.long, device=dev)
+            K_a, keep_a, total_a, KQ = K_a[keep_idx], keep_a[keep_idx], total_a[keep_idx], KQ_next[keep_idx]
+            active = [active[j] for j in still]
+        else:
+            KQ = KQ_next
+    return [
+        AlsRounds(best_Q[p], best_sq[p], histories[p], done[p], best_iter[p], converged[p], finish[p]) for p in range(b)
+    ]
+
+
+
 def _weight_error(reduced: _Reduced, B_unbalanced: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> float:
     """``||W - A B|| / ||W||`` as ``1 - ||Q^T C||^2 / ||C||^2`` (A B = Z Q Q^T C); explicit near rounding."""
     w2 = float(reduced.C.square().sum())
@@ -464,6 +575,30 @@ def _balance_columns(A: torch.Tensor, B: torch.Tensor) -> tuple[torch.Tensor, to
     ok = (na > 0) & (nb > 0)
     s = torch.where(ok, (nb / torch.where(ok, na, 1.0)).sqrt(), torch.ones_like(na))
     return A * s, B / s.unsqueeze(-1)
+
+
+def finish_factorization(
+    reduced: _Reduced, rank: int, Q: torch.Tensor, sq_error: float, total: float, method: str, seconds: float,
+    balance: bool, info: dict, *, history: list[float] | None = None, best_iter: int = 0, Q0: torch.Tensor | None = None,
+) -> Factorization:
+    """The :class:`Factorization` of the factors built from Q (``A = Z Q``, ``B = Q^T C``): one
+    ending shared by the closed form and ALS, per layer and batched. ``sq_error`` is the cheap
+    squared error (spectrum tail or trace form), replaced by the explicit residual near float64
+    rounding; for ALS, ``history[best_iter]`` becomes the returned iterate's exact error and
+    ``history[0]`` the start's (``Q0``)."""
+    A, B0 = reduced.factors(Q)
+    A, B = _balance_columns(A, B0) if balance else (A, B0)
+    if not bool(torch.isfinite(A).all() and torch.isfinite(B).all()):  # pragma: no cover - defensive
+        raise FloatingPointError(f"{method} produced non-finite factors; please report this weight/covariance")
+    act, explicit = _rel_error(reduced, Q, sq_error, total)
+    act0 = None
+    if history is not None:
+        history[best_iter] = act  # the returned iterate's entry holds its exact value
+        if explicit and best_iter != 0:
+            history[0] = _rel_error(reduced, Q0, 0.0, total)[0]
+        act0 = history[0]
+    info.update(basis=reduced.basis, explicit_error=explicit)
+    return Factorization(A, B, method, rank, _weight_error(reduced, B0, A, B), act, act0, seconds, history or [], info)
 
 
 def _svd_start(W64: torch.Tensor, rank: int, svd) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -516,12 +651,11 @@ def solve_svd_llm(
         return _zero_activation_result(W64, rank, svd, "svd_llm", t0, info)
     top, Q = _top_eigenvectors(reduced.K, rank)
     Q = Q.to(W64)
-    A, B0 = reduced.factors(Q)
-    A, B = _balance_columns(A, B0) if balance else (A, B0)
     seconds = time.perf_counter() - t0
-    act, explicit = _rel_error(reduced, Q, max(total - float(top.clamp_min(0).sum()), 0.0), total)
-    info.update(path="smaller-side eigh", basis=reduced.basis, explicit_error=explicit)
-    return Factorization(A, B, "svd_llm", rank, _weight_error(reduced, B0, A, B), act, None, seconds, info=info)
+    info.update(path="smaller-side eigh")
+    return finish_factorization(
+        reduced, rank, Q, max(total - float(top.clamp_min(0).sum()), 0.0), total, "svd_llm", seconds, balance, info
+    )
 
 
 def solve_als(
@@ -592,54 +726,17 @@ def solve_als(
         Q = torch.eye(d, rank, dtype=torch.float64, device=dev)
     else:  # tall, QR basis: the start's left singular vectors in that basis
         Q = torch.linalg.qr(reduced.Z.mT @ U[:, :rank]).Q
-    Q0, KQ = Q, K @ Q
-
-    def sq_error(Q, KQ) -> float:
-        return max(total - float(torch.sum(Q * KQ)), 0.0)
-
-    best_sq = sq_error(Q, KQ)
-    best_Q, best_iter = Q, 0
-    history = [(best_sq / total) ** 0.5]
-    n_rounds = int(iters) if fixed else int(max_iters)
-    done, converged, finish = 0, fixed, None
-    # tolerance mode: once the rounds run so far cost about one eigendecomposition of K, a slowly
-    # converging layer (flat spectrum around r) jumps to the iteration's limit, the top-r
-    # eigenspace of K, instead of paying up to max_iters more rounds
-    budget = max(3, int(_ROUNDS_PER_EIGH * d / (2 * rank + 4 * rank * rank / d))) if exact_finish else n_rounds
-    for it in range(1, n_rounds + 1):
-        Q = _orthonormal(KQ)
-        KQ = K @ Q
-        cur = sq_error(Q, KQ)
-        history.append((cur / total) ** 0.5)
-        done = it
-        if cur < best_sq:
-            best_sq, best_Q, best_iter = cur, Q, it
-        if not fixed and abs(history[-2] - history[-1]) <= tol * max(history[-1], 1e-300):
-            converged = True
-            break
-        if not fixed and exact_finish and it < n_rounds and finish_at_limit(history, it, budget, tol):
-            top, Q = _top_eigenvectors(K, rank)
-            Q = Q.to(K)
-            cur = max(total - float(top.clamp_min(0).sum()), 0.0)
-            history.append((cur / total) ** 0.5)
-            if cur <= best_sq:
-                best_sq, best_Q, best_iter = cur, Q, len(history) - 1
-            converged, finish = True, "limit"
-            break
-    A, B0 = reduced.factors(best_Q)
-    A, B = _balance_columns(A, B0) if balance else (A, B0)
+    Q0 = Q
+    run = als_rounds(K.unsqueeze(0), Q0.unsqueeze(0), [rank], [total], iters=iters, tol=tol, max_iters=max_iters,
+                     exact_finish=exact_finish)[0]
     seconds = time.perf_counter() - t0
-    if not bool(torch.isfinite(A).all() and torch.isfinite(B).all()):  # pragma: no cover - defensive
-        raise FloatingPointError("ALS produced non-finite factors; please report this weight/covariance")
-    act, explicit = _rel_error(reduced, best_Q, best_sq, total)
-    history[best_iter] = act  # the returned iterate's entry holds its exact value
-    if explicit and best_iter != 0:
-        history[0] = _rel_error(reduced, Q0, 0.0, total)[0]
-    act0 = history[0]
-    info.update(iters=done, best_iter=best_iter, converged=converged, basis=reduced.basis, explicit_error=explicit)
-    if finish:
-        info["finish"] = finish
-    return Factorization(A, B, "als", rank, _weight_error(reduced, B0, A, B), act, act0, seconds, history, info)
+    info.update(iters=run.iters, best_iter=run.best_iter, converged=run.converged)
+    if run.finish:
+        info["finish"] = run.finish
+    return finish_factorization(
+        reduced, rank, run.Q, run.sq_error, total, "als", seconds, balance, info,
+        history=run.history, best_iter=run.best_iter, Q0=Q0,
+    )
 
 
 def als_limit(closed_form: Factorization) -> Factorization:

@@ -119,12 +119,17 @@ def _readable_class(name: str) -> str:
 
 
 def image_is_readable(path: str | Path) -> bool:
-    """Whether PIL can fully decode ``path`` (truncated, corrupt and non-image files are not)."""
+    """Whether PIL can fully decode ``path`` (truncated, corrupt and non-image files, and
+    decompression bombs above PIL's pixel limit, are not)."""
+    import warnings
+
     try:
-        with Image.open(path) as img:
-            img.load()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                img.load()
         return True
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+    except (OSError, SyntaxError, ValueError, MemoryError, Image.DecompressionBombError, Image.DecompressionBombWarning):
         return False
 
 
@@ -169,7 +174,23 @@ def load_labelled_calibration_images(
 ) -> tuple[list[Any], list[str | None], list[str] | None, str]:
     """As :func:`load_calibration_images`, plus the class name of every image (None where unknown)."""
     if Path(source).expanduser().is_dir():
-        paths, classes = scan_image_folder(Path(source).expanduser())
+        root = Path(source).expanduser()
+        paths, classes = scan_image_folder(root)
+        held_out = ""
+        if split_file is not None:  # the test list: calibration never sees those images
+            from vlmpress.data.splits import read_split_file
+
+            test = set(read_split_file(split_file))
+            keep = [i for i, p in enumerate(paths) if p.relative_to(root).as_posix() not in test]
+            if len(keep) == len(paths):
+                raise CalibrationError(
+                    f"--calib-split-file {split_file} lists none of the images in {root} (paths relative to that folder, "
+                    "e.g. cat/001.jpg); it would exclude nothing"
+                )
+            if not keep:
+                raise CalibrationError(f"--calib-split-file {split_file} lists every image in {root}; nothing is left to calibrate on")
+            held_out = f", {len(paths) - len(keep)} test images of {Path(split_file).name} excluded"
+            paths, classes = [paths[i] for i in keep], [classes[i] for i in keep]
         chosen, bad = _sample_readable(list(zip(paths, classes)), n, seed)
         if bad:
             logger.warning(
@@ -183,7 +204,7 @@ def load_labelled_calibration_images(
                 "expected decodable images (jpg, png, ...)"
             )
         names = sorted({_readable_class(c) for _, c in chosen if c is not None}) or None
-        note = f", {len(bad)} unreadable skipped" if bad else ""
+        note = (f", {len(bad)} unreadable skipped" if bad else "") + held_out
         per_image = [_readable_class(c) if c is not None else None for _, c in chosen]
         return [p for p, _ in chosen], per_image, names, f"folder {source} ({len(chosen)} of {len(paths)} images{note})"
     try:

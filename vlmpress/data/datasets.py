@@ -203,10 +203,24 @@ class ZeroShotDataset(Dataset):
 
 
 def load_rgb(path: str | Path) -> Image.Image:
-    """Decoded RGB image; an RGB file is returned as decoded (no extra full-size copy)."""
-    with Image.open(path) as img:
-        img.load()
-        return img if img.mode == "RGB" else img.convert("RGB")
+    """Decoded RGB image; an RGB file is returned as decoded (no extra full-size copy).
+
+    Undecodable files (truncated, not an image) and decompression bombs (more pixels than PIL's
+    ``Image.MAX_IMAGE_PIXELS``, which PIL itself only warns about up to twice that) raise one
+    :class:`DatasetError` naming the file, also from inside data loader workers.
+    """
+    import warnings
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                img.load()
+                return img if img.mode == "RGB" else img.convert("RGB")
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        raise DatasetError(f"image {path} is refused as a decompression bomb ({str(err).splitlines()[0][:160]})") from None
+    except (OSError, ValueError, SyntaxError, MemoryError) as err:
+        raise DatasetError(f"image {path} cannot be decoded ({type(err).__name__}: {str(err).splitlines()[0][:160] if str(err) else ''})") from None
 
 
 # ---------------------------------------------------------------------------------------------- registry
@@ -621,6 +635,50 @@ def _readable(folder: str) -> str:
     return re.sub(r"\s+", " ", folder.replace("_", " ").replace("-", " ")).strip()
 
 
+def scan_class_folders(directory: Path, extensions: tuple[str, ...]) -> tuple[list[str], list[tuple[str, int]]]:
+    """(classes, [(path, class index)]) of ``directory/<class>/**/<image>``, links followed safely.
+
+    Symbolic links are followed, but every real directory is entered once (a link loop cannot
+    multiply the images) and every real file is counted once; a file reachable under two classes
+    is refused instead of being given one of the labels at random.
+    """
+    classes = sorted(e.name for e in os.scandir(directory) if e.is_dir()) if directory.is_dir() else []
+    samples: list[tuple[str, int]] = []
+    owner: dict[str, str] = {}
+    duplicates = 0
+    for index, cls in enumerate(classes):
+        seen_dirs: set[tuple[int, int]] = set()
+        for base, dirs, files in os.walk(directory / cls, followlinks=True):
+            st = os.stat(base)
+            if (st.st_dev, st.st_ino) in seen_dirs:
+                dirs[:] = []  # a link back into a folder already walked (a loop)
+                continue
+            seen_dirs.add((st.st_dev, st.st_ino))
+            dirs.sort()
+            for name in sorted(files):
+                path = os.path.join(base, name)
+                if not name.lower().endswith(extensions) or not os.path.isfile(path):
+                    continue
+                real = os.path.realpath(path)
+                if real in owner:
+                    if owner[real] != cls:
+                        raise DatasetError(
+                            f"image {real} is reachable under two classes ({owner[real]} and {cls}) through symbolic "
+                            "links; a file can have one label only"
+                        )
+                    duplicates += 1
+                    continue
+                owner[real] = cls
+                samples.append((path, index))
+    if duplicates:
+        logger.warning("%s: %d links to images already counted were skipped (each file counts once)", directory, duplicates)
+    present = {label for _, label in samples}
+    empty = [c for i, c in enumerate(classes) if i not in present]
+    if samples and empty:
+        raise DatasetError(f"class folder(s) {', '.join(empty[:5])} in {directory} hold no images ({', '.join(extensions)})")
+    return classes, samples
+
+
 def _build_imagefolder(
     name: str, split: str, *, split_file, test_fraction: float, seed: int
 ) -> ZeroShotDataset:
@@ -636,11 +694,10 @@ def _build_imagefolder(
     tvd = _tv()
 
     def scan(directory: Path) -> tuple[list[str], list[tuple[str, int]]]:
-        try:
-            ds = tvd.ImageFolder(str(directory))
-        except (FileNotFoundError, RuntimeError) as err:
-            raise DatasetError(f"no labelled images found in {directory} ({err}); expected:\n{layout}") from None
-        return ds.classes, ds.samples
+        classes, samples = scan_class_folders(directory, tuple(tvd.folder.IMG_EXTENSIONS))
+        if not samples:
+            raise DatasetError(f"no labelled images found in {directory}; expected:\n{layout}")
+        return classes, samples
 
     explicit = (folder / "test").is_dir() and (folder / "train").is_dir()
     if explicit:

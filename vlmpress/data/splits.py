@@ -98,7 +98,9 @@ def read_split_file(path: str | Path) -> list[str]:
     path = Path(path).expanduser()
     if not path.is_file():
         raise DatasetError(f"split file not found: {path} (expected one relative image path per line)")
-    lines = [line.strip().replace("\\", "/") for line in path.read_text(encoding="utf-8").splitlines()]
+    from vlmpress.io.strict import read_text_strict
+
+    lines = [line.strip().replace("\\", "/") for line in read_text_strict(path, "split file", DatasetError, max_bytes=256 << 20).splitlines()]
     items = [line for line in lines if line and not line.startswith("#")]
     if not items:
         raise DatasetError(f"split file {path} lists no images")

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime, timezone
@@ -58,6 +59,19 @@ METRIC_KEYS = ("top1", "top5", "mean_per_class_recall")
 
 class ResultsError(VlmpressError, ValueError):
     """A results file is missing or holds no usable records."""
+
+
+_NUM = (int, float)
+#: JSON types of the record fields (a record with others is skipped, never half-used)
+_FIELD_TYPES: dict[str, tuple[type, ...]] = {
+    "model": (str,), "dataset": (str,), "split": (str,), "metrics": (dict,), "method": (str,), "label": (str,),
+    "base_model": (str,), "templates": (str,), "device": (str,), "precision": (str,), "timestamp": (str,),
+    "predictions_file": (str,), "n_images": (int,), "n_classes": (int,), "n_classes_present": (int,), "n_nonfinite": (int,),
+    "top5_k": (int,), "n_templates": (int,), "schema_version": (int,), "reduction": _NUM, "top1_stderr": _NUM,
+    "seconds": _NUM, "seconds_text": _NUM, "seconds_images": _NUM, "split_detail": (dict,), "compression": (dict,),
+    "versions": (dict,),
+}
+_NULLABLE = frozenset({"reduction", "compression", "predictions_file", "top1_stderr"})
 
 
 @dataclass
@@ -114,6 +128,14 @@ class EvalRecord:
         missing = [k for k in ("model", "dataset", "metrics") if k not in data]
         if missing:
             raise ResultsError(f"result record lacks {', '.join(missing)}: {str(data)[:120]}")
+        for key, kinds in _FIELD_TYPES.items():
+            value = data.get(key)
+            if key in data and not (isinstance(value, kinds) and not (isinstance(value, bool) and bool not in kinds)):
+                if value is None and key in _NULLABLE:
+                    continue
+                raise ResultsError(f"result record field '{key}' has the wrong type ({type(value).__name__})")
+            if isinstance(value, float) and not math.isfinite(value) and key != "top1_stderr":
+                raise ResultsError(f"result record field '{key}' is not finite")
         kwargs = {k: v for k, v in data.items() if k in known}
         kwargs.setdefault("split", "unknown")
         kwargs.setdefault("n_images", 0)
@@ -229,10 +251,48 @@ def write_record(record: EvalRecord, out_dir: str | Path, jsonl_name: str = RESU
     return path
 
 
+def iter_json_records(path: Path) -> Iterable[tuple[int, Any]]:
+    """(line number, parsed value) of every readable line of a JSONL (or the one value of a .json).
+
+    Lines that are not UTF-8, not JSON, nested absurdly deep or hold huge integers or duplicate
+    keys are skipped with one warning each (a crash mid-append leaves such a line); a ``.json``
+    file that cannot be read is a :class:`ResultsError`.
+    """
+    from vlmpress.io.strict import loads_strict, read_text_strict
+
+    if path.suffix == ".json":
+        yield 1, loads_strict(read_text_strict(path, "result file", ResultsError, max_bytes=64 << 20), str(path), ResultsError, allow_nan=True)
+        return
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise ResultsError(f"results file {path} cannot be read: {err.strerror or err}") from None
+    for lineno, raw in enumerate(data.split(b"\n"), 1):
+        if not raw.strip():
+            continue
+        try:
+            yield lineno, loads_strict(raw.decode("utf-8"), f"{path}:{lineno}", ResultsError, allow_nan=True)
+        except UnicodeDecodeError:
+            logger.warning("%s:%d: skipping a line that is not UTF-8", path, lineno)
+        except ResultsError as err:
+            logger.warning("skipping unreadable record: %s", err)
+
+
+def _check_metrics(data: Any) -> None:
+    metrics = data.get("metrics") if isinstance(data, dict) else None
+    if not isinstance(metrics, dict):
+        raise ResultsError("its 'metrics' is not a mapping")
+    for key in METRIC_KEYS:
+        value = metrics.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1):
+            raise ResultsError(f"its metric {key} = {str(value)[:20]} is not a fraction in [0, 1] (NaN or corrupt)")
+
+
 def read_records(paths: str | Path | Iterable[str | Path]) -> list[EvalRecord]:
     """Records from ``results.jsonl`` files, per-run ``.json`` files or directories holding a JSONL.
 
-    A truncated or corrupt JSONL line (e.g. a crash while appending) is skipped with a warning.
+    A truncated or corrupt JSONL line (e.g. a crash while appending), or a record whose accuracy is
+    NaN or outside [0, 1], is skipped with a warning -- never printed as a number.
     """
     if isinstance(paths, (str, Path)):
         paths = [paths]
@@ -242,17 +302,16 @@ def read_records(paths: str | Path | Iterable[str | Path]) -> list[EvalRecord]:
             p = p / RESULTS_JSONL
         if not p.is_file():
             raise ResultsError(f"results file not found: {p} (expected a results.jsonl written by 'vlmpress eval')")
-        if p.suffix == ".json":
+        for lineno, data in iter_json_records(p):
+            if isinstance(data, dict) and data.get("kind") in ("perplexity", "lm_eval"):
+                continue  # LLM records (perplexity, lm_eval): not zero-shot rows
             try:
-                records.append(EvalRecord.from_dict(json.loads(p.read_text(encoding="utf-8"))))
-            except json.JSONDecodeError as err:
-                raise ResultsError(f"{p} is not valid JSON: {err}") from None
-            continue
-        for lineno, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                records.append(EvalRecord.from_dict(json.loads(line)))
-            except (json.JSONDecodeError, ResultsError, TypeError) as err:
-                logger.warning("%s:%d: skipping unreadable record (%s)", p, lineno, err)
+                if not isinstance(data, dict):
+                    raise ResultsError("it is not a JSON object")
+                _check_metrics(data)
+                records.append(EvalRecord.from_dict(data))
+            except (ResultsError, TypeError, ValueError) as err:
+                if p.suffix == ".json":
+                    raise ResultsError(f"{p} is not a usable result record: {err}") from None
+                logger.warning("%s:%d: skipping unreadable record (%s)", p, lineno, str(err)[:200])
     return records

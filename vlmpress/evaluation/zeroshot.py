@@ -17,6 +17,8 @@ Two image sources are accepted:
 
 from __future__ import annotations
 
+import dataclasses
+
 import contextlib
 import hashlib
 import logging
@@ -169,9 +171,31 @@ class PreprocessedImages:
         try:
             data = torch.load(str(path), map_location="cpu", mmap=mmap, weights_only=True)
         except Exception as err:  # corrupt/truncated file: say which one
-            raise DatasetError(f"preprocessed image cache {path} is unreadable ({err}); delete it to rebuild") from None
+            raise DatasetError(f"preprocessed image cache {path} is unreadable ({str(err).splitlines()[0][:160] if str(err) else type(err).__name__}); delete it to rebuild") from None
+        problem = _cache_problem(data)
+        if problem:
+            raise DatasetError(f"preprocessed image cache {path} is invalid ({problem}); delete it to rebuild")
         data.pop("format", None)
         return cls(**data)
+
+
+def _cache_problem(data: Any) -> str | None:
+    """Why a loaded cache dict is not a :class:`PreprocessedImages` (types, shapes, label range), or None."""
+    names = {f.name for f in dataclasses.fields(PreprocessedImages)}
+    if not isinstance(data, dict) or data.get("format") != 1 or set(data) - {"format"} != names:
+        return "not a vlmpress image cache of format 1"
+    pixels, labels = data["pixels"], data["labels"]
+    if not isinstance(pixels, torch.Tensor) or not pixels.is_floating_point() or pixels.dim() < 2:
+        return "pixels are not a float tensor with one preprocessed image per row"
+    if not isinstance(labels, torch.Tensor) or labels.dtype != torch.int64 or labels.dim() != 1 or len(labels) != len(pixels):
+        return "labels are not one int64 label per image"
+    if not all(isinstance(data[k], str) for k in ("preprocess_id", "dataset", "split_id")) or not isinstance(data["split_detail"], dict):
+        return "its identity fields have the wrong types"
+    if not all(isinstance(data[k], list) and all(isinstance(x, str) for x in data[k]) for k in ("classnames", "templates")):
+        return "classnames/templates are not lists of strings"
+    if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= len(data["classnames"])):
+        return "labels outside the class list"
+    return None
 
 
 @torch.inference_mode()

@@ -44,14 +44,42 @@ def atomic_write_json(path: str | Path, data: Any) -> Path:
 
 
 def append_jsonl(path: str | Path, record: dict) -> Path:
-    """Append one JSON line and fsync, so a crash later never loses it (a line is written whole)."""
+    """Append one JSON line, all or nothing, and fsync it.
+
+    The line goes out in one ``write`` of the whole encoded line under an exclusive lock; if the
+    write fails (disk full, quota) the file is cut back to its previous size, so a record is
+    never half there to be glued to the next one. A torn last line left by an earlier crash (no
+    final newline) is closed with a newline first, so readers report it as one unreadable line
+    instead of merging it with this record.
+    """
+    import logging
+
+    try:
+        import fcntl  # POSIX: serialise concurrent appends (elsewhere O_APPEND alone)
+    except ImportError:  # pragma: no cover
+        fcntl = None
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    line = json.dumps(record, default=str) + "\n"
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(line)
-        f.flush()
-        os.fsync(f.fileno())
+    line = (json.dumps(record, default=str) + "\n").encode("utf-8")
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o666)
+    try:
+        if fcntl is not None:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        size = os.fstat(fd).st_size
+        if size and os.pread(fd, 1, size - 1) != b"\n":
+            logging.getLogger(__name__).warning("%s ended in a torn line (an earlier crash); closed it before appending", path)
+            line = b"\n" + line
+        try:
+            written = os.write(fd, line)
+            if written != len(line):
+                raise OSError(28, f"short write ({written} of {len(line)} bytes)")
+            os.fsync(fd)
+        except OSError:
+            os.ftruncate(fd, size)  # all or nothing
+            raise
+    finally:
+        os.close(fd)  # releases the lock
     return path
 
 

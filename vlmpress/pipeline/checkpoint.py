@@ -3,25 +3,28 @@
 ``save_compressed`` writes the complete checkpoint into a temporary sibling directory and only
 then puts it in place: a new path by one ``rename``, an existing checkpoint by an atomic exchange
 of the two directories (Linux ``renameat2(RENAME_EXCHANGE)``), so at every instant a kill can hit
-the path holds either the old or the new complete checkpoint. Temporary directories of killed
-saves (named after their process id) are removed by the next save to the same path.
+the path holds either the old or the new complete checkpoint. Temporaries carry an ownership
+marker (:mod:`vlmpress.io.atomic_dir`); the next save removes those of killed saves and never
+touches a folder without the marker. ``--overwrite`` replaces only an empty directory or a
+vlmpress checkpoint, never the input model's directory; a failed write (disk full, permissions)
+is one :class:`~vlmpress.errors.OutputError` line, the previous checkpoint kept.
 
 ``vlmpress_config.json`` records the SHA-256 of every file written before it (the weights,
-preprocessing files); ``load_compressed`` verifies them (``verify=False`` skips this for huge
-files), validates the config against a schema (types and ranges), rebuilds the architecture from
-the saved spec config (no pretrained download), swaps in ``LowRankLinear`` per the rank map, loads
-the tensors with ``strict=True`` and checks every shape.
+preprocessing files, sub-folders included); ``load_compressed`` treats the checkpoint as data only
+(:mod:`vlmpress.pipeline.checkpoint_guard`): the config is parsed strictly and validated against a
+schema (types, ranges, no key that could switch on code), the family's spec config against the
+adapter's allow-list, the listed files are verified and copied to a private directory from which
+alone tokenizers and processors are read, the weights' header is checked (duplicate names), and
+every tensor's shape and dtype must match the architecture rebuilt from the config (no pretrained
+download). ``verify=False`` skips the hash comparison (not the other checks) for huge files.
 """
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import hashlib
 import json
 import logging
 import os
-import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -34,14 +37,33 @@ from safetensors.torch import load_file, save_model
 from vlmpress.adapters.registry import adapter_origin, get_adapter_class
 from vlmpress.adapters.base import ModelAdapter, replace_module, weight_matrix
 from vlmpress.core.lowrank import LowRankLinear
-from vlmpress.errors import CheckpointError, ConfigError, UnknownModelSpecError
+from vlmpress.errors import CheckpointError, ConfigError, OutputError, UnknownModelSpecError
 from vlmpress.io import atomic_write_json, library_versions
+from vlmpress.io.atomic_dir import (  # noqa: F401  (exchange_paths: a historical name here)
+    clean_stale_temporaries as _clean_stale,
+    exchange_paths,
+    fsync_tree,
+    make_owned_temp,
+    replace_directory,
+    temp_prefix,
+)
+from vlmpress.io.strict import read_json_strict, read_safetensors_header
+from vlmpress.pipeline.checkpoint_guard import (
+    check_tree,
+    hash_list_problem,
+    refuse_code_switches,
+    remove_staging,
+    stage_files,
+    verify_file,
+)
 
 logger = logging.getLogger(__name__)
 
 CONFIG_NAME = "vlmpress_config.json"
 WEIGHTS_NAME = "model.safetensors"
-FORMAT_VERSION = 1
+#: 2: ``file_sha256`` lists files in sub-folders too (``tokenizer/...``); 1 (vlmpress 0.1.0): top-level
+#: files only. Both require the hash list with the weights' entry and ``layer_shapes`` (0.1.0 wrote them).
+FORMAT_VERSION = 2
 
 
 def _is_int(value: Any) -> bool:
@@ -69,12 +91,7 @@ def _check_shapes(value: Any) -> str | None:
 
 
 def _check_hashes(value: Any) -> str | None:
-    if not isinstance(value, dict) or not value:
-        return "must map file names to SHA-256 hex digests"
-    for name, digest in value.items():
-        if not isinstance(name, str) or "/" in name or name.startswith(".") or not isinstance(digest, str) or not re.fullmatch(r"[0-9a-f]{64}", digest):
-            return f"has an invalid entry {name!r}: {digest!r} (expected file name -> 64 hex digits)"
-    return None
+    return hash_list_problem(value, subfolders=True)
 
 
 def _check_dense_layers(value: Any) -> str | None:
@@ -104,9 +121,9 @@ CONFIG_SCHEMA: dict[str, tuple[bool, Any]] = {
     "spec_config": (True, _check_dict),
     "ranks": (True, _check_ranks),
     "model_spec": (False, _check_str),
-    "layer_shapes": (False, _check_shapes),
+    "layer_shapes": (True, _check_shapes),
     "dense_layers": (False, _check_dense_layers),
-    "file_sha256": (False, _check_hashes),
+    "file_sha256": (True, _check_hashes),
     "adapter_origin": (False, _check_str),
 }
 
@@ -128,10 +145,19 @@ def validate_checkpoint_config(config: Any, path: str | Path = CONFIG_NAME) -> d
             f"{path} was written by a newer vlmpress (format {config['format_version']}, this one reads "
             f"<= {FORMAT_VERSION}); upgrade vlmpress to load it"
         )
-    shapes = config.get("layer_shapes") or {}
+    if config["format_version"] < 2:  # 0.1.0 listed top-level files only
+        problem = hash_list_problem(config["file_sha256"], subfolders=False)
+        if problem:
+            raise CheckpointError(f"{path} is invalid: 'file_sha256' {problem} (format 1 lists top-level files only)")
+    if WEIGHTS_NAME not in config["file_sha256"]:
+        raise CheckpointError(f"{path} is invalid: 'file_sha256' has no entry for {WEIGHTS_NAME}; the weights must be hash-listed")
+    shapes = config["layer_shapes"]
     for name, rank in config["ranks"].items():
-        if name in shapes and rank > min(shapes[name]):
+        if name not in shapes:
+            raise CheckpointError(f"{path} is invalid: layer '{name}' has a rank but no entry in 'layer_shapes'")
+        if rank > min(shapes[name]):
             raise CheckpointError(f"{path} is invalid: rank {rank} of layer '{name}' exceeds its shape {shapes[name]}")
+    refuse_code_switches(config, str(path))
     return config
 
 
@@ -139,10 +165,7 @@ def read_checkpoint_config(directory: str | Path) -> dict[str, Any]:
     path = Path(directory) / CONFIG_NAME
     if not path.is_file():
         raise CheckpointError(f"{directory} is not a vlmpress checkpoint: {CONFIG_NAME} is missing")
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise CheckpointError(f"{path} is corrupt (not valid JSON: {err})") from None
+    config = read_json_strict(path, "checkpoint config", CheckpointError, max_bytes=64 << 20, allow_nan=True)
     return validate_checkpoint_config(config, path)
 
 
@@ -156,19 +179,17 @@ def file_sha256(path: str | Path, chunk: int = 1 << 22) -> str:
 
 def verify_checkpoint_files(directory: Path, config: dict[str, Any]) -> None:
     """Compare every recorded file hash with the file on disk (corruption, truncation, edits)."""
-    hashes = config.get("file_sha256")
-    if not hashes:
-        logger.warning("%s records no file hashes (written by an older vlmpress): integrity not verified", directory)
-        return
-    for name, expected in hashes.items():
-        path = directory / name
-        if not path.is_file():
-            raise CheckpointError(f"{directory} is incomplete: {name} (recorded in {CONFIG_NAME}) is missing")
-        if file_sha256(path) != expected:
-            raise CheckpointError(
-                f"{path} does not match the SHA-256 recorded in {CONFIG_NAME}: the file is corrupt or was modified "
-                "(restore it, or load with verify=False / --no-verify to skip the check)"
-            )
+    check_tree(Path(directory))
+    for name, expected in config["file_sha256"].items():
+        verify_file(Path(directory), name, expected)
+
+
+def _listed_files(directory: Path) -> list[Path]:
+    """Every non-hidden regular file under ``directory`` (sub-folders included), sorted."""
+    return sorted(
+        p for p in directory.rglob("*")
+        if p.is_file() and not p.is_symlink() and not any(part.startswith(".") for part in p.relative_to(directory).parts)
+    )
 
 
 def _probe_writable(out: Path) -> None:
@@ -181,7 +202,10 @@ def _probe_writable(out: Path) -> None:
     if parent.exists() and not parent.is_dir():
         raise ConfigError(f"output path {out} is not writable: {parent} is a file, not a directory")
     try:
-        probe = tempfile.mkdtemp(prefix=".vlmpress-write-probe.", dir=parent)
+        # beside ``out`` the probe takes a temporary's name, so one left by a kill between the two
+        # calls is an empty temporary that the next save removes
+        prefix = f"{temp_prefix(out)}{os.getpid()}." if parent == out.parent else ".vlmpress-write-probe."
+        probe = tempfile.mkdtemp(prefix=prefix, suffix=".tmp", dir=parent)
         os.rmdir(probe)
     except OSError as err:
         raise ConfigError(
@@ -189,119 +213,81 @@ def _probe_writable(out: Path) -> None:
         ) from None
 
 
+def _is_checkpoint_dir(directory: Path) -> bool:
+    """Whether ``directory`` holds a vlmpress checkpoint (a parseable config with our keys)."""
+    try:
+        config = read_json_strict(directory / CONFIG_NAME, "checkpoint config", CheckpointError, max_bytes=64 << 20, allow_nan=True)
+    except CheckpointError:
+        return False
+    return isinstance(config, dict) and "format_version" in config and "family" in config
+
+
+def model_paths(model_spec: str) -> list[Path]:
+    """Local paths a model spec reads (``hf:DIR``, ``open_clip:local-dir:DIR``, a checkpoint directory...)."""
+    candidates = [model_spec]
+    for prefix in ("hf:", "open_clip:local-dir:", "open_clip:"):
+        if model_spec.startswith(prefix):
+            candidates.append(model_spec[len(prefix):])
+    if "//" in model_spec:  # open_clip:NAME//abs/path/weights.safetensors
+        candidates.append("/" + model_spec.split("//", 1)[1])
+    out = []
+    for c in candidates:
+        try:
+            path = Path(c).expanduser()
+            if c and path.exists():
+                out.append(path.resolve())
+        except (OSError, ValueError):
+            continue
+    return out
+
+
+def refuse_model_inside(out: Path, model_spec: str, what: str) -> None:
+    """Never let ``out`` (to be replaced) be, or contain, the input model's own files."""
+    target = out.resolve()
+    for path in model_paths(model_spec):
+        if path == target or target in path.parents:
+            raise ConfigError(f"{what} {out} is (or contains) the input model {path}; it would be replaced. Choose another directory")
+
+
 def check_output_dir(out_dir: str | Path, model_spec: str, overwrite: bool = False) -> None:
-    """Refuse to replace an existing checkpoint or other content unless ``overwrite``; probe writability."""
+    """Refuse to replace anything but an empty directory or a vlmpress checkpoint; ``overwrite`` is
+    needed for the latter. Never the input model's directory. Probes writability."""
     out = Path(out_dir).expanduser().absolute()
     if out.exists() and not out.is_dir():
         raise ConfigError(f"output path {out} exists and is not a directory; choose another --out")
+    refuse_model_inside(out, model_spec, "output directory")
     _probe_writable(out)
-    if overwrite or not out.exists() or not any(out.iterdir()):
+    if not out.exists() or not any(out.iterdir()):
         return
-    config_path = out / CONFIG_NAME
-    if config_path.is_file():
-        try:
-            existing = json.loads(config_path.read_text()).get("model_spec")
-        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
-            existing = None
-        what = "a compressed checkpoint of the same model" if existing == model_spec else f"a different compressed model ({existing})"
-        raise ConfigError(f"output directory {out} already holds {what}; choose another --out or pass --overwrite to replace it")
-    raise ConfigError(f"output directory {out} is not empty and holds no vlmpress checkpoint; pass --overwrite to replace it")
-
-
-# ------------------------------------------------------------------ atomic directory replacement
-
-_RENAME_EXCHANGE = 2  # linux/fs.h
-
-
-def _libc_renameat2():
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        fn = libc.renameat2
-    except (OSError, AttributeError):
-        return None
-    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-    return fn
-
-
-_renameat2 = _libc_renameat2()
-
-
-def exchange_paths(a: Path, b: Path) -> bool:
-    """Atomically swap two existing paths (Linux ``renameat2(RENAME_EXCHANGE)``); False if unsupported."""
-    if _renameat2 is None:
-        return False
-    at_fdcwd = -100
-    if _renameat2(at_fdcwd, os.fsencode(str(a)), at_fdcwd, os.fsencode(str(b)), _RENAME_EXCHANGE) == 0:
-        return True
-    err = ctypes.get_errno()
-    if err in (38, 22, 95):  # ENOSYS, EINVAL (flag not supported by the file system), EOPNOTSUPP
-        return False
-    raise OSError(err, os.strerror(err), str(b))
-
-
-def _temp_prefix(out: Path) -> str:
-    return f".{out.name}.vlmpress-"
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def clean_stale_temporaries(out: Path) -> list[Path]:
-    """Remove temporary directories left next to ``out`` by saves whose process no longer runs."""
-    removed = []
-    pattern = re.compile(re.escape(_temp_prefix(out)) + r"(\d+)\.[^/]*\.tmp$")
-    # earlier vlmpress versions: mkdtemp(prefix=".NAME.", suffix=".tmp") (8 random characters) and ".NAME.old"
-    legacy = re.compile(re.escape(f".{out.name}.") + r"(old|[a-z0-9_]{8}\.tmp)$")
-    if not out.parent.is_dir():
-        return removed
-    for entry in out.parent.iterdir():
-        match = pattern.match(entry.name)
-        stale = (match and not _pid_alive(int(match.group(1)))) or (not match and legacy.match(entry.name))
-        if stale and entry.is_dir() and not entry.is_symlink():
-            if not out.exists() and (entry / CONFIG_NAME).is_file() and entry.name.endswith(".old"):
-                os.replace(entry, out)  # a legacy two-rename save was killed between its renames
-                continue
-            shutil.rmtree(entry, ignore_errors=True)
-            removed.append(entry)
-    if removed:
-        logger.info("removed %d stale temporary director%s of killed saves next to %s", len(removed), "y" if len(removed) == 1 else "ies", out)
-    return removed
-
-
-def _fsync_tree(directory: Path) -> None:
-    for path in directory.rglob("*"):
-        if path.is_file():
-            with open(path, "rb") as f:
-                os.fsync(f.fileno())
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def replace_directory(tmp: Path, out: Path) -> None:
-    """Put the complete directory ``tmp`` at ``out``, never leaving ``out`` missing or partial."""
-    if not out.exists():
-        os.replace(tmp, out)
+    if not _is_checkpoint_dir(out):
+        raise ConfigError(
+            f"output directory {out} is not empty and holds no vlmpress checkpoint; --overwrite replaces only a "
+            "checkpoint or an empty directory: choose another --out"
+        )
+    if overwrite:
         return
-    if exchange_paths(tmp, out):  # tmp now holds the old checkpoint
-        shutil.rmtree(tmp, ignore_errors=True)
-        return
-    # no atomic exchange (not Linux, or the file system lacks it): two renames; a kill in between
-    # leaves the old copy at ``.NAME.old``, which the next save puts back before anything else
-    backup = out.with_name(f".{out.name}.old")
-    shutil.rmtree(backup, ignore_errors=True)
-    os.replace(out, backup)
-    os.replace(tmp, out)
-    shutil.rmtree(backup, ignore_errors=True)
+    existing = read_json_strict(out / CONFIG_NAME, "checkpoint config", CheckpointError, allow_nan=True).get("model_spec")
+    what = "a compressed checkpoint of the same model" if existing == model_spec else f"a different compressed model ({existing})"
+    raise ConfigError(f"output directory {out} already holds {what}; choose another --out or pass --overwrite to replace it")
+
+
+def check_export_dir(export_dir: str | Path, out_dir: str | Path | None, model_spec: str, overwrite: bool = False) -> None:
+    """``--export-dense`` target: never the compressed output, a checkpoint or the input model;
+    an existing non-empty directory only with ``overwrite``."""
+    export = Path(export_dir).expanduser().absolute()
+    if out_dir is not None:
+        out = Path(out_dir).expanduser().absolute()
+        a, b = export.resolve(), out.resolve()
+        if a == b or b in a.parents or a in b.parents:
+            raise ConfigError(f"--export-dense {export} overlaps --out {out}; the dense export needs its own directory")
+    refuse_model_inside(export, model_spec, "--export-dense directory")
+    if export.exists() and not export.is_dir():
+        raise ConfigError(f"--export-dense path {export} exists and is not a directory")
+    if export.is_dir() and any(export.iterdir()):
+        if _is_checkpoint_dir(export):
+            raise ConfigError(f"--export-dense directory {export} holds a compressed vlmpress checkpoint; an export never replaces one")
+        if not overwrite:
+            raise ConfigError(f"output directory {export} is not empty; pass --overwrite to replace it")
 
 
 def save_compressed(
@@ -320,12 +306,12 @@ def save_compressed(
     out.parent.mkdir(parents=True, exist_ok=True)
     clean_stale_temporaries(out)
     check_output_dir(out, adapter.spec, overwrite)
-    tmp = Path(tempfile.mkdtemp(prefix=f"{_temp_prefix(out)}{os.getpid()}.", suffix=".tmp", dir=out.parent))
+    tmp = make_owned_temp(out)
     try:
         save_model(adapter.model, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "producer": "vlmpress"})
         if hasattr(adapter, "save_preprocessing"):
             adapter.save_preprocessing(tmp)
-        hashes = {p.name: file_sha256(p) for p in sorted(tmp.iterdir()) if p.is_file() and not p.name.startswith(".")}
+        hashes = {p.relative_to(tmp).as_posix(): file_sha256(p) for p in _listed_files(tmp)}
         config = {
             "format_version": FORMAT_VERSION,
             "model_spec": adapter.spec,
@@ -347,13 +333,23 @@ def save_compressed(
         validate_checkpoint_config(json.loads(json.dumps(config, default=str)))  # never write what load refuses
         atomic_write_json(tmp / CONFIG_NAME, config)
         report.write(tmp)
-        _fsync_tree(tmp)
+        fsync_tree(tmp)
         replace_directory(tmp, out)
+    except (OSError, SafetensorError) as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        reason = (getattr(err, "strerror", None) or str(err).splitlines()[0]) if str(err) else type(err).__name__
+        kept = "the previous checkpoint there is unchanged" if (out / CONFIG_NAME).is_file() else "nothing was written there"
+        raise OutputError(f"could not write the checkpoint to {out}: {reason}; {kept} (temporary files removed)") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     logger.info("saved compressed model to %s", out)
     return out
+
+
+def clean_stale_temporaries(out: Path) -> list[Path]:
+    """Remove vlmpress's own temporaries of killed saves beside ``out`` (see :mod:`vlmpress.io.atomic_dir`)."""
+    return _clean_stale(Path(out), restorable=_is_checkpoint_dir)
 
 
 def apply_rank_map(adapter: ModelAdapter, ranks: dict[str, int], shapes: dict[str, list[int]] | None = None) -> None:
@@ -416,64 +412,92 @@ def _quiet_build(cls, spec_config: dict, directory: Path) -> ModelAdapter:
             hf_logging.set_verbosity(hf_verbosity)
 
 
-def load_compressed(directory: str | Path, *, device: str | torch.device = "cpu", verify: bool = True) -> ModelAdapter:
-    """Rebuild a compressed model saved by :func:`save_compressed` (no download needed).
+def _check_tensors(state: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], weights: Path) -> None:
+    """Every tensor: the architecture's shape, a floating dtype where the model holds floats (an
+    int/bool tensor would be cast silently), the exact dtype elsewhere, and finite values."""
+    for key, tensor in state.items():
+        want = expected[key]
+        if tuple(tensor.shape) != tuple(want.shape):
+            raise CheckpointError(
+                f"tensor '{key}' has shape {tuple(tensor.shape)} in {weights} but {tuple(want.shape)} "
+                "in the architecture described by the config (mismatched or corrupt checkpoint)"
+            )
+        if tensor.is_floating_point() != want.is_floating_point() or (not want.is_floating_point() and tensor.dtype != want.dtype):
+            raise CheckpointError(
+                f"tensor '{key}' is {str(tensor.dtype).removeprefix('torch.')} in {weights} but the architecture holds "
+                f"{str(want.dtype).removeprefix('torch.')} there (mismatched or corrupt checkpoint)"
+            )
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise CheckpointError(f"tensor '{key}' in {weights} holds NaN/inf values (corrupt checkpoint)")
 
-    ``verify`` checks the SHA-256 of the weights and preprocessing files against the config
-    (reads every byte once; pass False to skip it for very large checkpoints).
-    """
-    directory = Path(directory).expanduser()
-    config = read_checkpoint_config(directory)
-    weights = directory / WEIGHTS_NAME
-    if not weights.is_file():
-        raise CheckpointError(f"{directory} is missing {WEIGHTS_NAME}")
-    if verify:
-        verify_checkpoint_files(directory, config)
+
+def _adapter_class(directory: Path, config: dict[str, Any]):
     try:
-        cls = get_adapter_class(config["family"])
+        return get_adapter_class(config["family"])
     except UnknownModelSpecError as err:
         origin = str(config.get("adapter_origin", ""))
         package = f" It was written with the adapter package '{origin[7:]}': install it." if origin.startswith("plugin:") else ""
         raise CheckpointError(f"{directory} needs adapter family '{config['family']}', which is not installed.{package} {err}") from None
-    adapter = _quiet_build(cls, config["spec_config"], directory)
+
+
+def load_compressed(directory: str | Path, *, device: str | torch.device = "cpu", verify: bool = True) -> ModelAdapter:
+    """Rebuild a compressed model saved by :func:`save_compressed` (no download, no code from the checkpoint).
+
+    ``verify`` checks the SHA-256 of the weights and preprocessing files against the config
+    (reads every byte once; pass False to skip the comparison for very large checkpoints -- the
+    schema, allow-lists, header and tensor checks still run).
+    """
+    directory = Path(directory).expanduser()
+    config = read_checkpoint_config(directory)
+    check_tree(directory)
+    cls = _adapter_class(directory, config)
+    spec_problem = cls.spec_config_problem(config["spec_config"])
+    if spec_problem:
+        raise CheckpointError(f"{directory / CONFIG_NAME}: 'spec_config' is refused: {spec_problem}")
+    hashes = config["file_sha256"]
+    weights = directory / WEIGHTS_NAME
+    if verify:
+        verify_file(directory, WEIGHTS_NAME, hashes[WEIGHTS_NAME])
+    elif not weights.is_file():
+        raise CheckpointError(f"{directory} is missing {WEIGHTS_NAME}")
+    header = read_safetensors_header(weights, CheckpointError)  # duplicate names, offsets: before the library parses it
+    staging = Path(tempfile.mkdtemp(prefix="vlmpress-checkpoint-files-"))
+    try:
+        stage_files(directory, hashes, staging, skip={WEIGHTS_NAME}, verify=verify)
+        adapter = _quiet_build(cls, config["spec_config"], staging)
+    finally:
+        remove_staging(staging)
     adapter.spec = config.get("model_spec", adapter.spec)
     adapter.prepare_for_compression()
-    apply_rank_map(adapter, config["ranks"], config.get("layer_shapes"))
-    try:
-        state = load_file(str(weights))
-    except (SafetensorError, OSError, ValueError) as err:
-        raise CheckpointError(f"{weights} is corrupt or unreadable: {err}") from None
+    apply_rank_map(adapter, config["ranks"], config["layer_shapes"])
     expected = adapter.model.state_dict()
-    missing = sorted(set(expected) - set(state))
+    missing = sorted(set(expected) - set(header))
     # tied weights are stored once by safetensors.save_model; only complain about real gaps
-    shared = {k for k in missing if any(expected[k].data_ptr() == expected[o].data_ptr() for o in state if o in expected)}
+    shared = {k for k in missing if any(expected[k].data_ptr() == expected[o].data_ptr() for o in header if o in expected)}
     missing = [k for k in missing if k not in shared]
-    unexpected = sorted(set(state) - set(expected))
+    unexpected = sorted(set(header) - set(expected))
     if missing or unexpected:
         raise CheckpointError(
             f"{weights} does not match the architecture in {CONFIG_NAME}: "
             f"{len(missing)} missing tensors (e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]})"
         )
-    for key, tensor in state.items():
-        if tuple(tensor.shape) != tuple(expected[key].shape):
-            raise CheckpointError(
-                f"tensor '{key}' has shape {tuple(tensor.shape)} in {weights} but {tuple(expected[key].shape)} "
-                "in the architecture described by the config (mismatched or corrupt checkpoint)"
-            )
-        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-            raise CheckpointError(f"tensor '{key}' in {weights} holds NaN/inf values (corrupt checkpoint)")
+    try:
+        state = load_file(str(weights))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise CheckpointError(f"{weights} is corrupt or unreadable: {err}") from None
+    _check_tensors(state, expected, weights)
     adapter.model.load_state_dict(state, strict=not shared)
     adapter.model.to(device)
     adapter.model.eval()
     adapter.checkpoint_config = config  # type: ignore[attr-defined]
+    adapter.checkpoint_dir = directory  # type: ignore[attr-defined]  (an export never goes there)
     return adapter
 
 
 def export_dense(adapter: ModelAdapter, out_dir: str | Path, *, overwrite: bool = False) -> Path:
     """Merge factors back into dense weights and write a stock checkpoint of the model's family."""
     out = Path(out_dir).expanduser()
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise ConfigError(f"output directory {out} is not empty; pass --overwrite to replace it")
+    check_export_dir(out, getattr(adapter, "checkpoint_dir", None), adapter.spec, overwrite)
     out.mkdir(parents=True, exist_ok=True)
     adapter.export_dense(out)
     return out

@@ -73,7 +73,25 @@ def parse_device(device: Any) -> "torch.device":
 
 
 def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    """A real number of sane magnitude (a 400-digit YAML integer is not; nor is NaN/inf)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    return abs(value) < 1e300 if isinstance(value, int) else math.isfinite(value)
+
+
+#: upper bounds of the integer settings: far above any real run, low enough that a typo
+#: (``batch_size: 10**30``, ``--als-iters 1000000000``) is refused before it allocates or hangs
+INT_LIMITS: dict[str, int] = {
+    "n_images": 10_000_000, "n_captions": 10_000_000, "n_samples": 1_000_000, "seq_len": 1 << 20,
+    "batch_size": 1 << 16, "num_workers": 256, "rank_multiple": 4096, "seed": (1 << 63) - 1,
+    "als_iters": 10_000, "als_max_iters": 10_000, "solve_batch_size": 1 << 16,
+}
+#: accelerate device_map strings (or one device: cpu, cuda, cuda:N)
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
+_STR_CHOICES = {
+    "allocation": ALLOCATIONS, "als_path": ALS_PATHS, "accumulate_dtype": ("float32", "float64"),
+    "calib_windows": ("random", "document"), "mode": ("whole", "sequential"), "propagate": ("original", "compressed"),
+}
 
 
 def _is_int(value: Any) -> bool:
@@ -166,10 +184,22 @@ class CompressionConfig:
         return out
 
     def validate(self) -> "CompressionConfig":
-        if self.method not in METHODS:
-            raise ConfigError(f"method must be one of {', '.join(METHODS)}, got '{self.method}'")
+        from vlmpress.io.strict import short_repr
+
+        if not isinstance(self.method, str) or self.method not in METHODS:
+            raise ConfigError(f"method must be one of {', '.join(METHODS)}, got {short_repr(self.method)}")
         if not isinstance(self.model, str):
-            raise ConfigError(f"model must be a spec string, got {self.model!r}")
+            raise ConfigError(f"model must be a spec string, got {short_repr(self.model)}")
+        for name, choices in _STR_CHOICES.items():
+            value = getattr(self, name)
+            if not isinstance(value, str) or value not in choices:
+                raise ConfigError(f"{name} must be one of {', '.join(choices)}, got {short_repr(value)}")
+        if self.device_map is not None and not (
+            isinstance(self.device_map, str) and (self.device_map in DEVICE_MAPS or re.fullmatch(r"cpu|cuda(:\d+)?", self.device_map))
+        ):
+            raise ConfigError(
+                f"device-map must be one of {', '.join(DEVICE_MAPS)} or a device (cpu, cuda, cuda:N), got {short_repr(self.device_map)}"
+            )
         for name in ("eps", "eps_v", "eps_t", "eps_attn", "eps_mlp"):
             value = getattr(self, name)
             if value is not None and (not _is_number(value) or not math.isfinite(value) or not 0 <= value <= 1):
@@ -186,7 +216,7 @@ class CompressionConfig:
         ):
             raise ConfigError(
                 f"eps-proportion must map group names to finite positive numbers (e.g. vision=1.3,text=0.7), "
-                f"got {self.eps_proportion}"
+                f"got {short_repr(self.eps_proportion)}"
             )
         for name in ("rank_multiple", "n_images", "n_captions", "n_samples", "seq_len", "batch_size",
                      "num_workers", "seed"):
@@ -196,7 +226,7 @@ class CompressionConfig:
                 raise ConfigError(f"{name.replace('_', '-')} must be an integer, got {getattr(self, name)!r}")
         if self.als_iters is not None and (not _is_int(self.als_iters) or self.als_iters < 0):
             raise ConfigError(f"als_iters must be a whole number >= 0 (or unset to iterate to als_tol), got {self.als_iters!r}")
-        if not _is_number(self.als_tol) or not (math.isfinite(self.als_tol) and self.als_tol > 0):
+        if not _is_number(self.als_tol) or not (math.isfinite(self.als_tol) and 0 < self.als_tol <= 1):
             raise ConfigError(f"als_tol must be a positive relative change, e.g. 1e-4, got {self.als_tol!r}")
         if self.als_path not in ALS_PATHS:
             raise ConfigError(f"als_path must be one of {', '.join(ALS_PATHS)}, got {self.als_path!r}")
@@ -211,10 +241,18 @@ class CompressionConfig:
                 raise ConfigError(f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.num_workers < 0:
             raise ConfigError(f"num_workers must be >= 0, got {self.num_workers}")
+        for name, limit in INT_LIMITS.items():
+            value = getattr(self, name)
+            if value is None and name in ("seq_len", "als_iters", "solve_batch_size"):
+                continue
+            if not _is_int(value):
+                raise ConfigError(f"{name.replace('_', '-')} must be an integer, got {short_repr(value)}")
+            if value > limit:
+                raise ConfigError(f"{name.replace('_', '-')} must be at most {limit}, got {short_repr(value)}")
         for name in ("targets", "exclude"):
             value = getattr(self, name)
-            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-                raise ConfigError(f"{name} must be a list of regular expressions, got {value!r}")
+            if not isinstance(value, list) or len(value) > 10_000 or not all(isinstance(v, str) for v in value):
+                raise ConfigError(f"{name} must be a list of regular expressions, got {short_repr(value)}")
             for pattern in value:
                 try:
                     re.compile(pattern)
@@ -223,11 +261,13 @@ class CompressionConfig:
         for name in ("calib_images", "calib_captions", "calib_split_file", "calib_text", "data_root", "device_map"):
             value = getattr(self, name)
             if value is not None and not isinstance(value, str):
-                raise ConfigError(f"{name.replace('_', '-')} must be a string, got {value!r}")
+                raise ConfigError(f"{name.replace('_', '-')} must be a string, got {short_repr(value)}")
+        if not isinstance(self.device, (str, type(None))):
+            raise ConfigError(f"device must be a string such as auto, cpu or cuda:0, got {short_repr(self.device)}")
         parse_device(self.device)
         if self.accumulate_dtype not in ("float32", "float64"):
             raise ConfigError(f"accumulate_dtype must be float32 or float64, got '{self.accumulate_dtype}'")
-        if self.torch_dtype not in (None, "float32", "bfloat16", "float16", "auto"):
+        if not isinstance(self.torch_dtype, (str, type(None))) or self.torch_dtype not in (None, "float32", "bfloat16", "float16", "auto"):
             raise ConfigError(f"torch_dtype must be float32, bfloat16, float16 or auto, got '{self.torch_dtype}'")
         if self.calib_windows not in ("random", "document"):
             raise ConfigError(f"calib_windows must be 'random' or 'document', got '{self.calib_windows}'")
@@ -257,7 +297,7 @@ class CompressionConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "CompressionConfig":
         known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
+        unknown = sorted((str(k) if str(k).isprintable() else repr(str(k)))[:60] for k in data if k not in known)
         if unknown:
             raise ConfigError(f"unknown config keys: {', '.join(unknown)}; known keys: {', '.join(sorted(known))}")
         return cls(**data)
@@ -267,10 +307,9 @@ class CompressionConfig:
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
+        from vlmpress.io.strict import load_yaml_strict
+
+        data = load_yaml_strict(path, "config file", ConfigError) or {}
         if not isinstance(data, dict):
             raise ConfigError(f"config file {path} must hold a mapping of keys to values")
         return cls.from_dict(data)

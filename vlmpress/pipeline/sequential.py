@@ -504,6 +504,14 @@ def _load_factors(adapter: ModelAdapter, layers: list[TargetLayer], tensors: dic
             raise CheckpointError(f"saved progress lacks the factors of '{layer.name}'; delete the state directory to start over")
         W = weight_matrix(module)
         bias = tensors.get(f"{layer.name}.bias")
+        out_f, in_f = W.shape
+        r = A.shape[1] if A.dim() == 2 else -1
+        if (A.dim() != 2 or B.dim() != 2 or A.shape[0] != out_f or tuple(B.shape) != (r, in_f) or not 1 <= r <= min(out_f, in_f)
+                or (bias is not None and tuple(bias.shape) != (out_f,))):
+            raise CheckpointError(
+                f"saved progress holds factors of shape {tuple(A.shape)} x {tuple(B.shape)} for '{layer.name}', a "
+                f"{out_f}x{in_f} layer; delete the state directory to start over"
+            )
         new = LowRankLinear(W.shape[1], W.shape[0], A.shape[1], bias=bias is not None, device=W.device, dtype=W.dtype)
         new.load_state_dict({k[len(layer.name) + 1:]: v for k, v in tensors.items() if k.startswith(layer.name + ".")})
         replace_module(adapter.model, layer.name, new)
@@ -512,6 +520,16 @@ def _load_factors(adapter: ModelAdapter, layers: list[TargetLayer], tensors: dic
 def _resume_block(adapter, state, index, block, todo, reports, hidden, captured, need_outputs, config, device, storage):
     """Restore a block finished before an interruption; returns the next block's input (or None)."""
     tensors, saved, _ = state.load_block(index)
+    from vlmpress.errors import CheckpointError
+
+    if [r.name for r in saved] != [l.name for l in todo]:
+        raise CheckpointError(
+            f"saved block {index} in {state.directory} holds layers {[r.name for r in saved][:3]}, this run compresses "
+            f"{[l.name for l in todo][:3]}; delete that directory to start over"
+        )
+    expected_keys = {k for l in todo for k in tensors if k.startswith(l.name + ".")}
+    if set(tensors) != expected_keys:
+        raise CheckpointError(f"saved block {index} in {state.directory} holds tensors of other layers; delete that directory to start over")
     reports.extend(saved)
     todo = [TargetLayer(l.name, l.group, l.kind, adapter.model.get_submodule(l.name)) for l in todo]
     with block_on_device(block, device) as run_device:
