@@ -17,6 +17,7 @@ from vlmpress.evaluation.likelihood import (
     full_sequence_log_likelihoods,
 )
 from vlmpress.evaluation.metrics import compute_metrics
+from vlmpress.testing.genvlm import plain_per_class_log_likelihoods as _plain_per_class
 from vlmpress.testing.genvlm import save_tiny_llava, write_image_folder
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -30,19 +31,6 @@ def tiny(tmp_path_factory):
     model_dir = save_tiny_llava(root / "llava", seed=5)
     images = write_image_folder(root / "images", per_class=3)
     return HFLlavaAdapter.load(f"hf:{model_dir}"), f"hf:{model_dir}", images
-
-
-def _plain_per_class(adapter, pixels, captions):
-    """One ordinary forward of image + prompt + caption per (image, caption), summing caption-token log-probs."""
-    out = torch.zeros(len(pixels), len(captions))
-    for i in range(len(pixels)):
-        for j, caption in enumerate(captions):
-            batch = adapter.pair_batch(pixels[i : i + 1], [caption])
-            with torch.no_grad():
-                logp = torch.log_softmax(adapter.forward_tokens(batch).logits[0].double(), -1)
-            ids, mask = batch["input_ids"][0], batch["caption_mask"][0]
-            out[i, j] = sum(float(logp[t - 1, ids[t]]) for t in range(len(ids)) if mask[t])
-    return out
 
 
 @pytest.mark.parametrize("max_sequences", [1, 5, 256])

@@ -47,6 +47,7 @@ _BUILTIN: dict[str, str] = {
     "hf_causal_lm": "vlmpress.adapters.hf_causal_lm:HFCausalLMAdapter",
     "hf_llava": "vlmpress.adapters.hf_llava:HFLlavaAdapter",
     "hf_paligemma": "vlmpress.adapters.hf_llava:HFPaliGemmaAdapter",
+    "hf_generative": "vlmpress.adapters.hf_generative:HFGenerativeVLMAdapter",
 }
 
 _REGISTRY: dict[str, type[ModelAdapter]] = {}
@@ -220,10 +221,13 @@ def _hf_unsupported(spec: str) -> UnknownModelSpecError:
 
     return UnsupportedArchitectureError(
         f"model '{spec}' has architecture '{model_type}', which no installed vlmpress adapter supports. "
-        f"Dual encoders: {_supported_hf_types()}; causal LMs (text only), supported model types: "
-        f"{', '.join(SUPPORTED_MODEL_TYPES)}. To add one, subclass vlmpress.adapters.HFDualEncoderAdapter "
-        f"(or ModelAdapter) and register it under the entry-point group '{ENTRY_POINT_GROUP}' "
-        "(see docs/adapters.md)."
+        f"Dual encoders: {_supported_hf_types()}; generative VLMs: every transformers image-text-to-text type "
+        f"whose vision tower / connector / language model the generative base finds; causal LMs (text only), "
+        f"supported model types: {', '.join(SUPPORTED_MODEL_TYPES)}. To add one, subclass one of the three bases -- "
+        "vlmpress.adapters.HFDualEncoderAdapter (dual encoder), "
+        "vlmpress.adapters.hf_generative.HFGenerativeVLMAdapter (generative VLM), "
+        "vlmpress.adapters.hf_causal_lm.HFCausalLMAdapter (causal LM) -- or ModelAdapter, and register it "
+        f"under the entry-point group '{ENTRY_POINT_GROUP}' (see docs/adapters.md)."
     )
 
 
