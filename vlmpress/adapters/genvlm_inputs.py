@@ -67,7 +67,8 @@ class PrefixBatch:
     """Prefix ids per image, per-token inputs per image, and the image inputs of all images together."""
 
     ids: list[list[int]]
-    per_token: dict[str, list[list[int]]] = field(default_factory=dict)
+    #: per-token inputs, each image's ``(P_i, ...)`` tensor (``mm_token_type_ids``, Mllama's ``cross_attention_mask``)
+    per_token: dict[str, list[torch.Tensor]] = field(default_factory=dict)
     image_inputs: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def __len__(self) -> int:
@@ -79,13 +80,13 @@ def split_processor_output(encoded) -> PrefixBatch:
     ids = encoded["input_ids"]
     mask = encoded.get("attention_mask")
     mask = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.to(torch.bool)
-    per_token: dict[str, list[list[int]]] = {}
+    per_token: dict[str, list[torch.Tensor]] = {}
     image_inputs: dict[str, torch.Tensor] = {}
     for key, value in encoded.items():
         if key in ("input_ids", "attention_mask") or not isinstance(value, torch.Tensor):
             continue
-        if value.shape == ids.shape and not value.is_floating_point():
-            per_token[key] = [row[m].tolist() for row, m in zip(value, mask)]
+        if value.dim() >= 2 and value.shape[:2] == ids.shape and not value.is_floating_point():
+            per_token[key] = [row[m] for row, m in zip(value, mask)]
         else:
             image_inputs[key] = value
     return PrefixBatch([row[m].tolist() for row, m in zip(ids, mask)], per_token, image_inputs)
@@ -105,7 +106,9 @@ def pair_inputs(
 ) -> dict[str, torch.Tensor]:
     """Row ``i`` = prefix ``i`` + caption ``i``, right padded; ``caption_mask`` marks the caption tokens.
 
-    Per-token inputs continue over the caption with ``caption_values[key]`` (0 by default: text).
+    Per-token inputs continue over the caption with ``caption_values[key]`` (0 by default: text);
+    those with more dimensions per token (Mllama's ``cross_attention_mask``: which image tiles a
+    token sees) continue with the prefix's last token's value, so the caption sees what the prompt sees.
     """
     if len(prefixes) != len(captions):
         raise ValueError(f"{len(prefixes)} image prefixes but {len(captions)} captions")
@@ -115,14 +118,19 @@ def pair_inputs(
     ids = torch.full((n, length), pad_id, dtype=torch.long)
     attention = torch.zeros((n, length), dtype=torch.long)
     caption_mask = torch.zeros((n, length), dtype=torch.bool)
-    extra = {key: torch.zeros((n, length), dtype=torch.long) for key in prefixes.per_token}
+    extra = {
+        key: torch.zeros((n, length, *rows[0].shape[1:]), dtype=rows[0].dtype) for key, rows in prefixes.per_token.items()
+    }
     for i, (prefix, cap) in enumerate(zip(prefixes.ids, captions)):
         ids[i, : lengths[i]] = torch.tensor(list(prefix) + list(cap), dtype=torch.long)
         attention[i, : lengths[i]] = 1
         caption_mask[i, len(prefix) : lengths[i]] = True
         for key, rows in prefixes.per_token.items():
-            extra[key][i, : len(prefix)] = torch.tensor(rows[i], dtype=torch.long)
-            extra[key][i, len(prefix) : lengths[i]] = caption_values.get(key, 0)
+            extra[key][i, : len(prefix)] = rows[i]
+            if rows[i].dim() == 1:
+                extra[key][i, len(prefix) : lengths[i]] = caption_values.get(key, 0)
+            else:
+                extra[key][i, len(prefix) : lengths[i]] = rows[i][-1]
     return {"input_ids": ids, "attention_mask": attention, "caption_mask": caption_mask, **extra, **prefixes.image_inputs}
 
 

@@ -70,12 +70,20 @@ def find_parts(model: nn.Module) -> VLMParts:
     return VLMParts(vision, language, _child(model, QFORMER_NAMES) or "")
 
 
-def block_list(module: nn.Module) -> tuple[str, nn.ModuleList] | None:
-    """The first ``ModuleList`` named like a block list inside ``module`` (its transformer blocks)."""
+def block_lists(module: nn.Module) -> list[tuple[str, nn.ModuleList]]:
+    """Every ``ModuleList`` named like a block list inside ``module`` (not nested in another), in order."""
+    found: list[tuple[str, nn.ModuleList]] = []
     for name, child in module.named_modules():
         if isinstance(child, nn.ModuleList) and name.rsplit(".", 1)[-1] in BLOCK_LIST_NAMES and len(child):
-            return name, child
-    return None
+            if not any(name.startswith(prefix + ".") for prefix, _ in found):
+                found.append((name, child))
+    return found
+
+
+def block_list(module: nn.Module) -> tuple[str, nn.ModuleList] | None:
+    """The first block list inside ``module`` (its transformer blocks)."""
+    found = block_lists(module)
+    return found[0] if found else None
 
 
 def kind_of(path: str) -> str:
@@ -117,16 +125,16 @@ def classify_linears(model: nn.Module, parts: VLMParts, *, vision_feature_layer=
             out[group].append(TargetLayer(name, group, kind, module))
 
     tower = model.get_submodule(parts.vision)
-    found = block_list(tower)
-    if found is not None:
-        path, blocks = found
-        for i, block in enumerate(list(blocks)[: used_blocks(len(blocks), vision_feature_layer)]):
+    stacks = block_lists(tower)
+    for n_stack, (path, blocks) in enumerate(stacks):
+        # the main stack (the first) may be read at an intermediate layer; later stacks (Mllama's global one) run whole
+        used = used_blocks(len(blocks), vision_feature_layer) if n_stack == 0 else len(blocks)
+        for i, block in enumerate(list(blocks)[:used]):
             for name, module in _linears(block, f"{parts.vision}.{path}.{i}"):
                 add("vision", name, module, kind_of(name[len(parts.vision) + 1 :]))
-        if len(blocks) > used_blocks(len(blocks), vision_feature_layer):  # unused blocks are never targets
-            for block in list(blocks)[used_blocks(len(blocks), vision_feature_layer) :]:
-                claimed.update(id(m) for m in block.modules() if isinstance(m, nn.Linear))
-    else:  # a tower without a block list: every linear layer
+        for block in list(blocks)[used:]:  # unused blocks are never targets
+            claimed.update(id(m) for m in block.modules() if isinstance(m, nn.Linear))
+    if not stacks:  # a tower without a block list: every linear layer
         for name, module in _linears(tower, parts.vision):
             add("vision", name, module, kind_of(name))
     if parts.qformer:
@@ -167,4 +175,4 @@ def decoder_blocks(model: nn.Module, parts: VLMParts) -> list[tuple[str, nn.Modu
     return [(f"{parts.language}.{path}.{i}", block) for i, block in enumerate(blocks)]
 
 
-__all__ = ["VLMParts", "block_list", "classify_linears", "decoder_blocks", "find_parts", "kind_of", "reads_other_sequence", "used_blocks"]
+__all__ = ["VLMParts", "block_list", "block_lists", "classify_linears", "decoder_blocks", "find_parts", "kind_of", "reads_other_sequence", "used_blocks"]

@@ -158,6 +158,20 @@ def image_text_to_text_classes() -> dict[str, str]:
     return dict(MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES)
 
 
+def processor_inserts_image_tokens(processor: Any, text: str) -> bool:
+    """Whether ``processor`` adds image tokens to a text that has no image placeholder (BLIP-2-style)."""
+    token = getattr(processor, "image_token", None)
+    tokenizer = getattr(processor, "tokenizer", None)
+    if token is None or tokenizer is None:
+        return False
+    image_id = tokenizer.convert_tokens_to_ids(str(token))
+    try:
+        encoded = processor(images=[Image.new("RGB", (32, 32))], text=[text], return_tensors="pt")
+    except Exception:  # noqa: BLE001 - a processor that insists on a placeholder does not insert one
+        return False
+    return image_id is not None and bool((encoded["input_ids"] == image_id).any())
+
+
 def _first_line(err: BaseException) -> str:
     text = str(err).strip()
     return f"{type(err).__name__}: {text.splitlines()[0]}" if text else type(err).__name__
@@ -358,7 +372,31 @@ class HFGenerativeVLMAdapter(ModelAdapter):
 
         feature_layer = getattr(self.model.config, "vision_feature_layer", None)
         # re-read: compression replaces modules, so the cached list only fixes names and groups
-        return classify_linears(self.model, self.parts, vision_feature_layer=feature_layer)
+        layers = classify_linears(self.model, self.parts, vision_feature_layer=feature_layer)
+        called = self._called_linears()
+        return layers if called is None else [layer for layer in layers if layer.name in called]
+
+    def _called_linears(self) -> set[str] | None:
+        """Linears the model calls on an image + caption (cached): a tower's unused pooling head or
+        merger is no target. None when it cannot be run (no processor, weights on the meta device)."""
+        if not hasattr(self, "_called"):
+            self._called = None
+            if self.processor is not None and not any(p.device.type == "meta" for p in self.model.parameters()):
+                seen: set[str] = set()
+                hooks = [
+                    module.register_forward_pre_hook(lambda m, a, name=name: seen.add(name))
+                    for name, module in self.model.named_modules() if isinstance(module, nn.Linear)
+                ]
+                try:
+                    with torch.no_grad():
+                        self.forward_tokens(self.pair_batch(self.pixel_values([Image.new("RGB", (48, 32), (90, 120, 150))]), ["a"]))
+                    self._called = seen
+                except Exception as err:  # noqa: BLE001 - no filtering then; calibration reports uncalled layers
+                    logger.debug("no call trace for %s: %s", self.name, err)
+                finally:
+                    for hook in hooks:
+                        hook.remove()
+        return self._called
 
     # ------------------------------------------------------------------ processor-built inputs
     def _require_processor(self) -> Any:
@@ -380,6 +418,8 @@ class HFGenerativeVLMAdapter(ModelAdapter):
         if getattr(processor, "chat_template", None):
             messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": self.prompt}]}]
             return processor.apply_chat_template(messages, add_generation_prompt=True)
+        if not self.fixed_prefix and processor_inserts_image_tokens(processor, self.prompt):
+            return f"{self.prompt}\n"  # BLIP-2 / InstructBLIP put the query-token placeholders first themselves
         return f"{image_token}\n{self.prompt}\n"
 
     def prefix_ids(self) -> torch.Tensor:
@@ -464,7 +504,7 @@ class HFGenerativeVLMAdapter(ModelAdapter):
             raise ValueError("prefix_inputs encodes one image's prefix at a time")
         ids = torch.tensor([prefixes.ids[0]], dtype=torch.long)
         out = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-        out.update({k: torch.tensor([v[0]], dtype=torch.long) for k, v in prefixes.per_token.items()})
+        out.update({k: v[0].unsqueeze(0) for k, v in prefixes.per_token.items()})
         out.update(prefixes.image_inputs)
         out.update(self.extra_inputs(ids, None))
         return self.model_inputs(out)
@@ -485,10 +525,12 @@ class HFGenerativeVLMAdapter(ModelAdapter):
         base = self.model.model if hasattr(self.model, "model") else self.model
         if self.fixed_prefix:
             return self._fixed_image_features(base, pixels)
-        inputs = self.model_inputs(dict(self.encode_prefixes(pixels).image_inputs))
+        prefixes = self.encode_prefixes(pixels)
         fn = getattr(base, "get_image_features", None) or getattr(self.model, "get_image_features", None)
-        if fn is None:
-            raise ConfigError(f"{type(self.model).__name__} has no get_image_features; its image groups cannot be calibrated")
+        if fn is None:  # e.g. Mllama (cross-attention images): the model's own forward over the prefixes
+            batch = pair_inputs(prefixes, [[] for _ in prefixes.ids], pad_id=self.pad_id)
+            return self.forward_tokens(batch, logits=False)
+        inputs = self.model_inputs(dict(prefixes.image_inputs))
         accepted = inspect.signature(fn).parameters  # only the inputs it names (its **kwargs reach the tower)
         return fn(**{k: v for k, v in inputs.items() if k in accepted})
 

@@ -25,14 +25,21 @@ def chat_template(image_text: str) -> str:
     )
 
 
-def tiny_tokenizer(special_tokens: Sequence[str], model_max_length: int = 1024):
-    """The tiny test BPE (:func:`vlmpress.testing.genvlm.tiny_vlm_tokenizer`) plus the family's special tokens."""
+def tiny_tokenizer(special_tokens: Sequence[str], model_max_length: int = 1024, named: dict[str, str] | None = None):
+    """The tiny test BPE (:func:`vlmpress.testing.genvlm.tiny_vlm_tokenizer`) plus the family's special tokens.
+
+    ``named`` maps attribute names to tokens (``{"image_token": "<image>"}``): transformers 5
+    processors read ``tokenizer.image_token`` / ``tokenizer.image_token_id``; they are saved with it.
+    """
     from vlmpress.testing.genvlm import tiny_vlm_tokenizer
 
     tokenizer = tiny_vlm_tokenizer(model_max_length=model_max_length)
-    extra = [t for t in special_tokens if t not in tokenizer.get_vocab()]
+    named = dict(named or {})
+    extra = [t for t in dict.fromkeys([*special_tokens, *named.values()]) if t not in tokenizer.get_vocab()]
     if extra:
         tokenizer.add_tokens(extra, special_tokens=True)
+    if named:
+        tokenizer._set_model_specific_special_tokens(special_tokens=named)
     return tokenizer
 
 
