@@ -126,3 +126,15 @@ def test_unsupported_family_refusal_names_the_three_bases_and_the_entry_point_gr
     assert "'bert'" in message and ENTRY_POINT_GROUP in message and "\n" not in message
     for base in ("HFDualEncoderAdapter", "HFGenerativeVLMAdapter", "HFCausalLMAdapter"):
         assert base in message
+
+
+def test_cli_compress_then_eval_on_images_of_different_sizes(tiny, tmp_path, cli_compress_and_eval):
+    """``vlmpress compress`` + ``vlmpress eval`` (likelihood zero-shot through the data loader's canvases)."""
+    kind, _, spec, _ = tiny
+    if kind != "qwen2_vl":
+        pytest.skip("one family is enough for the CLI path")
+    images = write_image_folder(tmp_path / "images", per_class=2)  # 24x28, 28x28, 32x28 images
+    records = cli_compress_and_eval(spec, images, tmp_path, ratio=0.5)
+    assert [r["method"] for r in records] == ["base", "svd_llm"]
+    for rec in records:
+        assert rec["n_images"] >= 3 and 0 <= rec["metrics"]["top1"] <= 1 and rec["metrics"]["caption_perplexity"] > 1

@@ -75,26 +75,16 @@ def test_evaluate_likelihood_metrics_and_perplexity(tiny, length_normalize):
     assert result.n_templates == 2 and result.length_normalize is length_normalize
 
 
-def test_cli_compress_then_eval_and_report(tiny, tmp_path, capsys):
+def test_cli_compress_then_eval_and_report(tiny, tmp_path, capsys, cli_compress_and_eval):
     from vlmpress.cli import main
 
     _, spec, images = tiny
-    out = tmp_path / "ckpt"
-    assert main([
-        "compress", "--model", spec, "--method", "svd_llm", "--ratio", "0.3", "--calib-images", str(images),
-        "--device", "cpu", "--out", str(out),
-    ]) == 0
-    results = tmp_path / "results"
-    assert main([
-        "eval", "--model", spec, str(out), "--datasets", f"imagefolder:{images}", "--out", str(results),
-        "--device", "cpu", "--batch-size", "4", "--num-workers", "0", "--no-progress",
-    ]) == 0
-    records = [json.loads(line) for line in (results / "results.jsonl").read_text().splitlines()]
+    records = cli_compress_and_eval(spec, images, tmp_path)
     assert len(records) == 2
     base, compressed = records
     assert base["method"] == "base" and compressed["method"] == "svd_llm"
     for rec in records:
         assert 0 <= rec["metrics"]["top1"] <= 1 and rec["metrics"]["caption_perplexity"] > 1
         assert rec["metrics"]["length_normalized"] == 0.0
-    assert main(["report", str(results / "results.jsonl")]) == 0
+    assert main(["report", str(tmp_path / "results" / "results.jsonl")]) == 0
     assert "svd" in capsys.readouterr().out.lower()

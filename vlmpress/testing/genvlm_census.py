@@ -344,6 +344,7 @@ def build_tiny_family(model_type: str, directory: str | Path, seed: int = 0) -> 
     from transformers import CONFIG_MAPPING
 
     from vlmpress.adapters.hf_generative import image_text_to_text_classes
+    from vlmpress.testing.genvlm import save_seeded
 
     model_cls = getattr(transformers, image_text_to_text_classes()[model_type])
     config = shrink_config(CONFIG_MAPPING[model_type]())
@@ -351,14 +352,31 @@ def build_tiny_family(model_type: str, directory: str | Path, seed: int = 0) -> 
         config.tie_word_embeddings = False
     processor, tokenizer = build_processor(model_type, config)
     _set_token_ids(config, processor, tokenizer)
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = model_cls(config).eval()
-    model.save_pretrained(directory, safe_serialization=True)
-    processor.save_pretrained(directory)
+    directory = save_seeded(model_cls, config, processor, directory, seed)
+    stock_forward(model_cls, directory)
     return directory
+
+
+def stock_forward(model_cls, directory: Path) -> None:
+    """The tiny family is *built* when plain transformers runs it: reload model and processor from
+    ``directory`` and run one image + prompt through them (no vlmpress code involved)."""
+    from PIL import Image
+    from transformers import AutoProcessor
+
+    try:
+        processor = AutoProcessor.from_pretrained(str(directory))
+        model = model_cls.from_pretrained(str(directory)).eval()
+        prompt = "what is it?"
+        if getattr(processor, "chat_template", None):
+            prompt = processor.apply_chat_template(
+                [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}],
+                add_generation_prompt=True,
+            )
+        encoded = processor(images=[[Image.new("RGB", (40, 24), (90, 120, 150))]], text=[prompt], return_tensors="pt")
+        with torch.no_grad():
+            model(**encoded)
+    except Exception as err:  # noqa: BLE001
+        raise RuntimeError(f"plain transformers cannot run the tiny model: {_one_line(err)}") from None
 
 
 # ----------------------------------------------------------------------------------------- round trip

@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-import torch
+from vlmpress.testing.genvlm import save_seeded
 
 #: a generic one-turn template: the processor's image placeholder(s), the prompt, then "answer:"
 def chat_template(image_text: str) -> str:
@@ -41,16 +41,6 @@ def tiny_tokenizer(special_tokens: Sequence[str], model_max_length: int = 1024, 
     if named:
         tokenizer._set_model_specific_special_tokens(special_tokens=named)
     return tokenizer
-
-
-def _save(model_cls, config, processor, directory: Path, seed: int) -> Path:
-    directory.mkdir(parents=True, exist_ok=True)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = model_cls(config).eval()
-    model.save_pretrained(directory, safe_serialization=True)
-    processor.save_pretrained(directory)
-    return directory
 
 
 def save_tiny_qwen2_vl(directory: str | Path, seed: int = 0, *, hidden: int = 64, patch_size: int = 8) -> Path:
@@ -93,7 +83,7 @@ def save_tiny_qwen2_vl(directory: str | Path, seed: int = 0, *, hidden: int = 64
         vision_end_token_id=tokenizer.convert_tokens_to_ids("<|vision_end|>"),
         tie_word_embeddings=False,
     )
-    return _save(Qwen2VLForConditionalGeneration, config, processor, Path(directory), seed)
+    return save_seeded(Qwen2VLForConditionalGeneration, config, processor, Path(directory), seed)
 
 
 def save_tiny_llava_next(directory: str | Path, seed: int = 0, *, hidden: int = 32, tile: int = 32, patch_size: int = 8) -> Path:
@@ -129,7 +119,7 @@ def save_tiny_llava_next(directory: str | Path, seed: int = 0, *, hidden: int = 
         image_token_id=tokenizer.convert_tokens_to_ids("<image>"), image_grid_pinpoints=pinpoints,
         vision_feature_select_strategy="default", vision_feature_layer=-2, tie_word_embeddings=False,
     )
-    return _save(LlavaNextForConditionalGeneration, config, processor, Path(directory), seed)
+    return save_seeded(LlavaNextForConditionalGeneration, config, processor, Path(directory), seed)
 
 
 def tiny_generative(kind: str, tmp_dir: str | Path, seed: int = 0):
