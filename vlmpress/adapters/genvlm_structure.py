@@ -27,7 +27,7 @@ from torch import nn
 from vlmpress.adapters.layers import TargetLayer
 from vlmpress.adapters.hf_causal_lm import UnsupportedArchitectureError
 
-VISION_NAMES = ("vision_tower", "visual", "vision_model", "vision_encoder", "image_encoder")
+VISION_NAMES = ("vision_tower", "visual", "vision_model", "vision_encoder", "image_encoder", "image_tower")
 LANGUAGE_NAMES = ("language_model", "text_model", "llm", "text_decoder")
 QFORMER_NAMES = ("qformer",)
 BLOCK_LIST_NAMES = ("layers", "layer", "h", "blocks")

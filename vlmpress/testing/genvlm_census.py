@@ -190,7 +190,7 @@ def _shrink_sizes(component, image: int, patch: int) -> None:
                 new[key] = 2 * image
             else:
                 new[key] = image
-        component.size = new
+        component.size = new if isinstance(size, dict) else type(size)(**new)  # keep SizeDict where used
     for attr, value in (
         ("crop_size", {"height": image, "width": image}),
         ("max_image_size", {"longest_edge": image}),
@@ -348,8 +348,9 @@ def build_tiny_family(model_type: str, directory: str | Path, seed: int = 0) -> 
 
     model_cls = getattr(transformers, image_text_to_text_classes()[model_type])
     config = shrink_config(CONFIG_MAPPING[model_type]())
-    if hasattr(config, "tie_word_embeddings"):
-        config.tie_word_embeddings = False
+    for holder in [config] + [sub for _, sub in _sub_configs(config)]:  # untied everywhere: one consistent head
+        if hasattr(holder, "tie_word_embeddings"):
+            holder.tie_word_embeddings = False
     processor, tokenizer = build_processor(model_type, config)
     _set_token_ids(config, processor, tokenizer)
     directory = save_seeded(model_cls, config, processor, directory, seed)
