@@ -138,3 +138,20 @@ def test_cli_compress_then_eval_on_images_of_different_sizes(tiny, tmp_path, cli
     assert [r["method"] for r in records] == ["base", "svd_llm"]
     for rec in records:
         assert rec["n_images"] >= 3 and 0 <= rec["metrics"]["top1"] <= 1 and rec["metrics"]["caption_perplexity"] > 1
+
+
+def test_sequential_mode_on_the_language_model_matches_whole_mode(tiny, tmp_path):
+    """Block-by-block compression of the LM (block inputs captured from the model's own forward,
+    M-RoPE positions included) gives whole mode's ranks with ``propagate original``."""
+    kind, _, spec, _ = tiny
+    images = write_image_folder(tmp_path / "images", per_class=2)
+    ranks = {}
+    for mode in ("whole", "sequential"):
+        config = CompressionConfig(
+            model=spec, calib_images=str(images), device="cpu", batch_size=3, method="pgsvd", eps=0.4,
+            targets=["language_model"], mode=mode, propagate="original",
+        )
+        _, report = compress_model(spec, config)
+        ranks[mode] = {r.name: r.rank for r in report.layers if r.rank is not None}
+    assert ranks["whole"] and ranks["whole"] == ranks["sequential"]
+    assert all(".language_model." in name for name in ranks["whole"])

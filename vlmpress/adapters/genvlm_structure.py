@@ -62,10 +62,11 @@ def find_parts(model: nn.Module) -> VLMParts:
     """The vision tower, the language model and a Q-Former, by transformers' standard names."""
     vision, language = _child(model, VISION_NAMES), _child(model, LANGUAGE_NAMES)
     if vision is None or language is None:
-        missing = "a vision tower" if vision is None else "a language model"
+        missing = "vision tower" if vision is None else "language model"
         raise UnsupportedArchitectureError(
             f"{type(model).__name__} has no {missing} under the standard names "
-            f"({', '.join(VISION_NAMES if vision is None else LANGUAGE_NAMES)}); the generative base cannot read its structure"
+            f"({', '.join(VISION_NAMES if vision is None else LANGUAGE_NAMES)}); the generative base cannot read its "
+            "structure: subclass vlmpress.adapters.hf_generative.HFGenerativeVLMAdapter (see docs/generative-vlms.md)"
         )
     return VLMParts(vision, language, _child(model, QFORMER_NAMES) or "")
 

@@ -85,7 +85,7 @@ def check_adapter(adapter, tmp_dir: str | Path, *, fresh_process: bool = False, 
     """Conformance checks any vision-language adapter should pass; raises AssertionError on the first failure.
 
     ``adapter`` is a freshly loaded (uncompressed, eval-mode) adapter. A generative VLM
-    (:class:`~vlmpress.adapters.hf_llava.HFGenerativeVLMAdapter`: LLaVA, PaliGemma and subclasses)
+    (:class:`~vlmpress.adapters.hf_generative.HFGenerativeVLMAdapter`: any image-text-to-text family, LLaVA, PaliGemma)
     gets the same six checks on next-token logits of an image + caption batch, see
     :func:`vlmpress.testing.conformance_genvlm.check_generative_adapter`. For a dual encoder
     (:class:`VisionLanguageAdapter`) the checks are:
@@ -107,7 +107,7 @@ def check_adapter(adapter, tmp_dir: str | Path, *, fresh_process: bool = False, 
     import subprocess
 
     from vlmpress.adapters.base import VisionLanguageAdapter
-    from vlmpress.adapters.hf_llava import HFGenerativeVLMAdapter
+    from vlmpress.adapters.hf_generative import HFGenerativeVLMAdapter
 
     if isinstance(adapter, HFGenerativeVLMAdapter):
         from vlmpress.testing.conformance_genvlm import check_generative_adapter
