@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import platform
 import time
 from pathlib import Path
 
@@ -14,16 +13,10 @@ SHARED_CALTECH = Path(__file__).resolve().parents[1].parent / "shared" / "datase
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    from vlmpress.deploy.latency import cpu_model
+
     gpu = f" | GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
-    return f"{cpu} | {os.cpu_count()} CPUs | torch {torch.__version__} ({torch.get_num_threads()} threads){gpu}"
+    return f"{cpu_model()} | {os.cpu_count()} CPUs | torch {torch.__version__} ({torch.get_num_threads()} threads){gpu}"
 
 
 def sync() -> None:
@@ -44,6 +37,26 @@ def time_call(fn, *, min_seconds: float = 1.0, max_repeats: int = 50, warmup: in
         elapsed = time.perf_counter() - t0
         if elapsed >= min_seconds or n >= max_repeats:
             return elapsed / n
+
+
+def interleaved_rates(calls: dict, *, rounds: int = 5, warmup: int = 1) -> dict:
+    """Median seconds per call of each callable, timed in ``rounds`` interleaved rounds.
+
+    Each round calls every function once, so a load change on a shared machine slows all of them
+    alike instead of whichever happened to be timed then; the ratios are what is compared.
+    """
+    for fn in calls.values():
+        for _ in range(warmup):
+            fn()
+    sync()
+    samples: dict = {name: [] for name in calls}
+    for _ in range(rounds):
+        for name, fn in calls.items():
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            samples[name].append(time.perf_counter() - t0)
+    return {name: sorted(s)[len(s) // 2] for name, s in samples.items()}
 
 
 def calibration_images(n: int, size: int = 224, seed: int = 0) -> list:

@@ -22,6 +22,7 @@ COMMANDS: dict[str, str] = {
     "report": "vlmpress.commands.report",
     "demo": "vlmpress.commands.demo",
     "train-reference": "vlmpress.commands.train_reference",
+    "export-onnx": "vlmpress.commands.export_onnx",
 }
 
 

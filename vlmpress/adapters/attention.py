@@ -29,6 +29,9 @@ def dense_weight(layer: nn.Module) -> torch.Tensor:
 
     if isinstance(layer, LowRankLinear):
         return (layer.A @ layer.B).detach()
+    if hasattr(layer, "dense_weight"):  # quantised layers (vlmpress.core.quantize): dequantised
+        bias = getattr(layer, "bias", None)
+        return layer.dense_weight(bias.dtype if bias is not None else torch.float32).detach()
     if isinstance(layer, nn.Linear):
         return layer.weight.detach()
     raise TypeError(f"cannot take a dense weight of {type(layer).__name__}")

@@ -53,6 +53,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--solve-batch-size", type=int,
                    help="same-shape layers factorised together in batched calls (default: 32 on CUDA, 1 on CPU)")
     g.add_argument("--rank-multiple", type=int, help="round ranks to a multiple, e.g. 8 (faster fp16/bf16 GEMMs on GPU)")
+    g.add_argument("--latency-aware", action="store_true", default=None,
+                   help="time dense vs low-rank for each layer shape on --device at the calibration batch (cached), "
+                        "keep layers dense where low-rank runs slower and re-spend a target reduction elsewhere")
+    g.add_argument("--quantize", help="quantise the factors after factorisation: none, int8 (per channel), "
+                   "int4 (group-wise) or fp8 (CUDA GPUs of compute capability >= 8.9)")
+    g.add_argument("--quantize-group-size", type=int, help="int4: input columns per scale, 32, 64 or 128 (default 64)")
     g.add_argument("--targets", nargs="+", help="regexes: only layers whose name matches one")
     g.add_argument("--exclude", nargs="+", help="regexes: skip layers whose name matches one")
     c = p.add_argument_group("calibration")
@@ -82,7 +88,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 _FLAG_FIELDS = (
     "model", "method", "eps", "eps_v", "eps_t", "eps_attn", "eps_mlp", "ratio", "target_reduction", "allocation",
-    "eps_proportion", "als_iters", "als_tol", "als_max_iters", "als_path", "solve_batch_size", "rank_multiple", "targets", "exclude", "calib_images", "calib_captions", "calib_split_file", "calib_text", "n_images",
+    "eps_proportion", "als_iters", "als_tol", "als_max_iters", "als_path", "solve_batch_size", "rank_multiple", "latency_aware", "quantize", "quantize_group_size", "targets", "exclude", "calib_images", "calib_captions", "calib_split_file", "calib_text", "n_images",
     "n_captions", "n_samples", "seq_len", "calib_windows", "batch_size", "data_root", "seed", "device", "torch_dtype", "device_map", "mode", "propagate",
 )
 

@@ -9,6 +9,11 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def _packed(t: torch.Tensor, device, dtype: torch.dtype) -> torch.Tensor:
+    """A detached, row-major (contiguous) copy of ``t`` on ``device`` in ``dtype``."""
+    return t.detach().to(device=device, dtype=dtype).clone(memory_format=torch.contiguous_format)
+
+
 class FactoredWeight:
     """Stand-in for ``LowRankLinear.weight``.
 
@@ -132,11 +137,24 @@ class LowRankLinear(nn.Module):
         dtype = dtype or A.dtype
         device = device or A.device
         layer = cls(B.shape[1], A.shape[0], A.shape[1], bias=bias is not None, device="meta", dtype=dtype)
-        layer.A = nn.Parameter(A.detach().to(device=device, dtype=dtype).clone())
-        layer.B = nn.Parameter(B.detach().to(device=device, dtype=dtype).clone())
+        layer.A = nn.Parameter(_packed(A, device, dtype))
+        layer.B = nn.Parameter(_packed(B, device, dtype))
         if bias is not None:
-            layer.bias = nn.Parameter(bias.detach().to(device=device, dtype=dtype).clone())
+            layer.bias = nn.Parameter(_packed(bias, device, dtype))
         return layer
+
+    def pack_(self, dtype: torch.dtype | None = None) -> "LowRankLinear":
+        """Store A, B (and bias) as row-major tensors in ``dtype`` (default: their own), in place.
+
+        Solvers can hand back transposed views (``Vh.T``); ``clone`` keeps such strides, and a
+        GEMM on a column-major weight can take a slower kernel. Packing once at load or before
+        deployment makes every forward read both factors row by row in the compute dtype.
+        """
+        for name in ("A", "B", "bias"):
+            p = getattr(self, name)
+            if p is not None and (not p.is_contiguous() or (dtype is not None and p.dtype != dtype)):
+                setattr(self, name, nn.Parameter(_packed(p, p.device, dtype or p.dtype), requires_grad=p.requires_grad))
+        return self
 
     @property
     def weight(self) -> FactoredWeight:

@@ -56,14 +56,17 @@ from vlmpress.pipeline.checkpoint_guard import (
     stage_files,
     verify_file,
 )
+from vlmpress.pipeline.quantize import apply_quantization_map, quantization_map
 
 logger = logging.getLogger(__name__)
 
 CONFIG_NAME = "vlmpress_config.json"
 WEIGHTS_NAME = "model.safetensors"
-#: 2: ``file_sha256`` lists files in sub-folders too (``tokenizer/...``); 1 (vlmpress 0.1.0): top-level
-#: files only. Both require the hash list with the weights' entry and ``layer_shapes`` (0.1.0 wrote them).
-FORMAT_VERSION = 2
+#: 3: quantised factors (a ``quantization`` entry); 2: ``file_sha256`` lists files in sub-folders too
+#: (``tokenizer/...``); 1 (vlmpress 0.1.0): top-level files only. All require the hash list with the
+#: weights' entry and ``layer_shapes`` (0.1.0 wrote them). Unquantised checkpoints are written as 2,
+#: so the previous release still reads them.
+FORMAT_VERSION = 3
 
 
 def _is_int(value: Any) -> bool:
@@ -106,6 +109,18 @@ def _check_format_version(value: Any) -> str | None:
     return None
 
 
+def _check_quantization(value: Any) -> str | None:
+    from vlmpress.core.quantize import SCHEMES
+
+    if not isinstance(value, dict) or value.get("scheme") not in SCHEMES[1:]:
+        return f"must give a scheme ({', '.join(SCHEMES[1:])}), got {value!r}"
+    if not _is_int(value.get("group_size", 64)) or not isinstance(value.get("layers"), list) or not all(
+        isinstance(n, str) and n for n in value["layers"]
+    ):
+        return "must give an integer group_size and a list of layer names"
+    return None
+
+
 def _check_str(value: Any) -> str | None:
     return None if isinstance(value, str) and value else f"must be a non-empty string, got {value!r}"
 
@@ -125,6 +140,7 @@ CONFIG_SCHEMA: dict[str, tuple[bool, Any]] = {
     "dense_layers": (False, _check_dense_layers),
     "file_sha256": (True, _check_hashes),
     "adapter_origin": (False, _check_str),
+    "quantization": (False, _check_quantization),
 }
 
 
@@ -152,6 +168,11 @@ def validate_checkpoint_config(config: Any, path: str | Path = CONFIG_NAME) -> d
     if WEIGHTS_NAME not in config["file_sha256"]:
         raise CheckpointError(f"{path} is invalid: 'file_sha256' has no entry for {WEIGHTS_NAME}; the weights must be hash-listed")
     shapes = config["layer_shapes"]
+    unranked = [n for n in (config.get("quantization") or {}).get("layers", []) if n not in config["ranks"]]
+    if unranked:
+        raise CheckpointError(f"{path} is invalid: quantised layer '{unranked[0]}' has no rank")
+    if config.get("quantization") and config["format_version"] < 3:
+        raise CheckpointError(f"{path} is invalid: a 'quantization' entry needs format_version 3, not {config['format_version']}")
     for name, rank in config["ranks"].items():
         if name not in shapes:
             raise CheckpointError(f"{path} is invalid: layer '{name}' has a rank but no entry in 'layer_shapes'")
@@ -309,11 +330,13 @@ def save_compressed(
     tmp = make_owned_temp(out)
     try:
         save_model(adapter.model, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "producer": "vlmpress"})
+        report.footprint = {**(report.footprint or {}), "bytes_on_disk": (tmp / WEIGHTS_NAME).stat().st_size}
         if hasattr(adapter, "save_preprocessing"):
             adapter.save_preprocessing(tmp)
         hashes = {p.relative_to(tmp).as_posix(): file_sha256(p) for p in _listed_files(tmp)}
+        quantization = quantization_map(adapter.model)
         config = {
-            "format_version": FORMAT_VERSION,
+            "format_version": FORMAT_VERSION if quantization else 2,  # readable by the previous release unless quantised
             "model_spec": adapter.spec,
             "family": adapter.family,
             "adapter_origin": adapter_origin(adapter.family),
@@ -328,6 +351,7 @@ def save_compressed(
             "recipe": report.config,
             "versions": library_versions(),
             "file_sha256": hashes,
+            **({"quantization": quantization} if quantization else {}),
             **(extra or {}),
         }
         validate_checkpoint_config(json.loads(json.dumps(config, default=str)))  # never write what load refuses
@@ -427,7 +451,8 @@ def _check_tensors(state: dict[str, torch.Tensor], expected: dict[str, torch.Ten
                 f"tensor '{key}' is {str(tensor.dtype).removeprefix('torch.')} in {weights} but the architecture holds "
                 f"{str(want.dtype).removeprefix('torch.')} there (mismatched or corrupt checkpoint)"
             )
-        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+        finite = torch.isfinite(tensor.float() if tensor.element_size() == 1 else tensor) if tensor.is_floating_point() else None
+        if finite is not None and not finite.all():  # fp8 codes are checked through float32
             raise CheckpointError(f"tensor '{key}' in {weights} holds NaN/inf values (corrupt checkpoint)")
 
 
@@ -470,6 +495,8 @@ def load_compressed(directory: str | Path, *, device: str | torch.device = "cpu"
     adapter.spec = config.get("model_spec", adapter.spec)
     adapter.prepare_for_compression()
     apply_rank_map(adapter, config["ranks"], config["layer_shapes"])
+    if config.get("quantization"):
+        apply_quantization_map(adapter.model, config["quantization"])
     expected = adapter.model.state_dict()
     missing = sorted(set(expected) - set(header))
     # tied weights are stored once by safetensors.save_model; only complain about real gaps

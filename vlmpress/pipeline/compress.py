@@ -42,6 +42,8 @@ from vlmpress.core.solvers import (
 )
 from vlmpress.errors import CalibrationError, ConfigError
 from vlmpress.pipeline.report import CompressionReport, LayerReport
+from vlmpress.pipeline.footprint import model_footprint
+from vlmpress.deploy.footprint import tensor_bytes_by_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -55,13 +57,16 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
 
 
 def count_parameters(module: torch.nn.Module) -> int:
-    """Distinct parameters of a module (tied weights counted once)."""
+    """Distinct parameters of a module (tied weights counted once); a quantised matrix counts its
+    elements (its codes are buffers, but they are the layer's weights)."""
+    from vlmpress.core.quantize import QuantizedWeight
+
     seen, total = set(), 0
     for p in module.parameters():
         if id(p) not in seen:
             seen.add(id(p))
             total += p.numel()
-    return total
+    return total + sum(m.shape[0] * m.shape[1] for m in module.modules() if isinstance(m, QuantizedWeight))
 
 
 def _layer_bias(module: torch.nn.Module) -> torch.Tensor | None:
@@ -501,6 +506,7 @@ def compress(
     device = resolve_device(config.device)
     layers = select_layers(adapter, config)
     whole_before = count_parameters(adapter.model)
+    bytes_before = tensor_bytes_by_dtype(adapter.model)
 
     plans = [layer_plan(layer) for layer in layers]
     keep_vectors = needs_singular_vectors(config, device)
@@ -544,13 +550,28 @@ def compress(
             collectors = calibrate(adapter, [layer for layer, _ in compressible], calibration, config)
     t_calib = time.perf_counter() - t0
 
+    latency_kept: dict[str, tuple] = {}
+    if config.latency_aware and compressible:
+        from vlmpress.pipeline.latency_aware import latency_aware_ranks
+
+        ranks, latency_kept, replanned = latency_aware_ranks(
+            plans, ranks, {plan.name for _, plan in compressible}, {l.name: l.weight_matrix.dtype for l in layers},
+            collectors, config, device, lambda ps, cfg: plan_ranks(ps, cfg),
+        )
+        used_tolerances, ratio = replanned.get("tolerances", used_tolerances), replanned.get("ratio", ratio)
+        compressible = [(layer, plan) for layer, plan in compressible if plan.name not in latency_kept]
+
     reports: list[LayerReport] = []
     compressible_names = {layer.name for layer, _ in compressible}
     t0 = time.perf_counter()
     for layer, plan in zip(layers, plans):
         rank = ranks[plan.name]
         tol = used_tolerances[tolerance_key(plan, used_tolerances)] if used_tolerances else None
-        if layer.name not in compressible_names:
+        if plan.name in latency_kept:
+            from vlmpress.pipeline.latency_aware import latency_dense_report
+
+            reports.append(latency_dense_report(plan, latency_kept[plan.name], tol, ratio))
+        elif layer.name not in compressible_names:
             reports.append(dense_layer_report(plan, rank, tol, ratio))
     # activation-aware solves go through the batched solver (batches of one on CPU by default: same
     # arithmetic as per-layer, and the singular vectors from rank planning are used as they are)
@@ -579,10 +600,17 @@ def compress(
                 )
                 progress.update()
     t_factor = time.perf_counter() - t0
-    return finish_report(
+    if config.quantize != "none":
+        from vlmpress.pipeline.quantize import quantize_compressed
+
+        quantize_compressed(adapter, layers, reports, config, collectors)
+    report = finish_report(
         adapter, config, layers, reports, used_tolerances, ratio, whole_before, calibration,
         {"spectra": t_spectra, "calibration": t_calib, "factorisation": t_factor, "total": time.perf_counter() - t_start},
     )
+    first_batch = (lambda group: next(iter(_calibration_batches(adapter, group, calibration, config)))) if calibration is not None else None
+    report.footprint = model_footprint(adapter, bytes_before, first_batch, config.batch_size)
+    return report
 
 
 def finish_report(

@@ -128,6 +128,12 @@ class CompressionConfig:
     # same-shape layers solved together (vlmpress.core.batched); None = 32 on CUDA, 1 (per layer) on CPU
     solve_batch_size: int | None = None
     rank_multiple: int = 1  # round ranks to a multiple (8 or 16: tensor-core GEMM shapes on GPU); 1 = paper
+    # deployment-aware ranks: time dense vs low-rank per layer shape on `device` at the calibration
+    # batch's rows (cached), keep layers dense where low-rank is slower, re-spend a target elsewhere
+    latency_aware: bool = False
+    # weight-only quantisation of the factors after factorisation: none | int8 | int4 | fp8 (CUDA, cc >= 8.9)
+    quantize: str = "none"
+    quantize_group_size: int = 64  # int4: columns per scale (32, 64 or 128)
     # --- which layers
     targets: list[str] = field(default_factory=list)  # regexes on layer names; empty = all candidates
     exclude: list[str] = field(default_factory=list)
@@ -232,6 +238,9 @@ class CompressionConfig:
             raise ConfigError(f"als_path must be one of {', '.join(ALS_PATHS)}, got {self.als_path!r}")
         if self.solve_batch_size is not None and (not _is_int(self.solve_batch_size) or self.solve_batch_size < 1):
             raise ConfigError(f"solve_batch_size must be a whole number >= 1 (or unset for the device default), got {self.solve_batch_size!r}")
+        if not isinstance(self.latency_aware, bool):
+            raise ConfigError(f"latency_aware must be true or false, got {self.latency_aware!r}")
+        self._validate_quantize()
         if not _is_int(self.als_max_iters) or self.als_max_iters < 1:
             raise ConfigError(f"als_max_iters must be a whole number >= 1, got {self.als_max_iters!r}")
         if self.rank_multiple < 1:
@@ -289,6 +298,19 @@ class CompressionConfig:
             if self.ratio is None and self.target_reduction is None:
                 raise ConfigError(f"method {self.method} needs --ratio or --target-reduction")
         return self
+
+    def _validate_quantize(self) -> None:
+        from vlmpress.core.quantize import QuantizationError, check_scheme, check_scheme_supported
+
+        if not isinstance(self.quantize, str) or not _is_int(self.quantize_group_size):
+            raise ConfigError(f"quantize must be a scheme name and quantize_group_size an integer, got {self.quantize!r}, {self.quantize_group_size!r}")
+        try:
+            check_scheme(self.quantize, self.quantize_group_size)
+            check_scheme_supported(self.quantize, parse_device(self.device))
+        except QuantizationError as err:
+            raise ConfigError(str(err)) from None
+        if self.quantize != "none" and self.mode == "sequential":
+            raise ConfigError("quantize applies to --mode whole runs; sequential mode does not quantise yet")
 
     # ------------------------------------------------------------------ YAML / dict round trip
     def to_dict(self) -> dict[str, Any]:

@@ -181,3 +181,53 @@ def _warn_if_off(target: float, achieved: float, what: str) -> None:
             what,
             100 * achieved,
         )
+
+
+def keep_dense_where_slower(
+    layers: list[LayerPlan],
+    ranks: dict[str, int],
+    slower: Callable[[LayerPlan, int], bool],
+    replan: Callable[[list[LayerPlan], float], dict[str, int]] | None,
+    target: float | None,
+    fixed_dense: set[str] | None = None,
+    max_rounds: int = 4,
+) -> tuple[dict[str, int], set[str]]:
+    """Deployment-aware ranks: (ranks, layers kept dense because low-rank would run slower).
+
+    ``slower(layer, rank)`` says whether the layer's factorisation runs slower than the dense layer
+    on the target device. Such layers stay dense; with a ``target`` reduction (of all ``layers``)
+    the rest are re-planned by ``replan(rest, rest_target)`` so the whole still meets it: lower
+    ranks elsewhere pay for the layers kept dense. ``fixed_dense`` layers (e.g. below break-even)
+    stay dense and are not re-planned. Repeats while re-planning makes more layers slower.
+    """
+    ranks = dict(ranks)
+    fixed = set(fixed_dense or ())
+    kept: set[str] = set()
+    before_all = sum(layer.dense_params for layer in layers)
+    for _ in range(max_rounds):
+        new = {
+            layer.name for layer in layers
+            if layer.name not in kept and layer.name not in fixed and slower(layer, ranks[layer.name])
+        }
+        if not new:
+            break
+        kept |= new
+        if target is None or replan is None:
+            continue
+        rest = [layer for layer in layers if layer.name not in kept and layer.name not in fixed]
+        if not rest:
+            break
+        dense_after = sum(layer.params_at(ranks[layer.name]) for layer in layers if layer.name in fixed) + sum(
+            layer.dense_params for layer in layers if layer.name in kept
+        )
+        before_rest = sum(layer.dense_params for layer in rest)
+        # whole reduction = 1 - (dense_after + after_rest) / before_all = target
+        rest_target = 1.0 - ((1.0 - target) * before_all - dense_after) / before_rest
+        if not 0.0 < rest_target < 1.0:
+            logger.warning(
+                "latency-aware ranks: the %d layers left to factorise cannot make up the %.1f%% target "
+                "(would need %.1f%% of their parameters); keeping their ranks", len(rest), 100 * target, 100 * rest_target,
+            )
+            break
+        ranks.update(replan(rest, rest_target))
+    return ranks, kept

@@ -31,6 +31,8 @@ class LayerReport:
     tokens: int | None = None  # calibration tokens seen by the layer
     seconds: float = 0.0
     als_iters: int | None = None  # ALS rounds run (None: not an ALS solve)
+    quant_weight_error: float | None = None  # ||W - A_q B_q|| / ||W|| with quantised factors
+    quant_act_error: float | None = None  # ||(W - A_q B_q) X|| / ||W X|| with quantised factors
 
     @property
     def shape(self) -> str:
@@ -55,6 +57,8 @@ class CompressionReport:
     config: dict[str, Any] = field(default_factory=dict)
     #: per tower: linear params, targeted share, layers kept dense (untargeted linears, convolutions)
     coverage: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: bytes: tensor bytes by dtype before/after, peak forward memory per group, bytes on disk (at save)
+    footprint: dict[str, Any] = field(default_factory=dict)
 
     # ------------------------------------------------------------------ totals
     def group_totals(self) -> dict[str, dict[str, Any]]:
@@ -98,6 +102,11 @@ class CompressionReport:
     def dense_layers(self) -> dict[str, str]:
         return {layer.name: layer.status for layer in self.layers if layer.rank is None}
 
+    @property
+    def latency_dense_layers(self) -> list[str]:
+        """Layers kept dense by ``--latency-aware`` because their factorisation ran slower."""
+        return [layer.name for layer in self.layers if layer.rank is None and layer.status.startswith("dense (latency")]
+
     def summary(self) -> dict[str, Any]:
         """The block stored in ``vlmpress_config.json`` and in evaluation results."""
         return {
@@ -116,10 +125,12 @@ class CompressionReport:
             "groups": self.group_totals(),
             "n_layers_compressed": len(self.rank_map),
             "n_layers_dense": len(self.dense_layers),
+            "latency_dense_layers": self.latency_dense_layers,
             "calibration": self.calibration,
             "seconds": self.seconds,
             "coverage": self.coverage,
             "bound_hits": self.bound_hits(),
+            "footprint": self.footprint,
         }
 
     def bound_hits(self) -> list[str]:
@@ -217,6 +228,23 @@ class CompressionReport:
             return f", eps={values.pop():.4f}"
         return ", eps " + ", ".join(f"{kind}={value:.4f}" for kind, value in sorted(used.items()))
 
+    def footprint_lines(self) -> list[str]:
+        """Bytes and memory lines of the summary (empty when not measured)."""
+        from vlmpress.deploy.footprint import format_bytes
+
+        fp = self.footprint or {}
+        if not fp:
+            return []
+        by_dtype = ", ".join(f"{k} {format_bytes(v)}" for k, v in fp.get("tensor_bytes_by_dtype_after", {}).items())
+        lines = [
+            f"bytes             : {format_bytes(fp['tensor_bytes_before'])} -> {format_bytes(fp['tensor_bytes_after'])} "
+            f"in tensors ({by_dtype})" + (f"; {format_bytes(fp['bytes_on_disk'])} on disk" if "bytes_on_disk" in fp else "")
+        ]
+        if fp.get("peak_forward_bytes"):
+            peaks = ", ".join(f"{g} {format_bytes(v)}" for g, v in fp["peak_forward_bytes"].items())
+            lines.append(f"peak forward mem  : {peaks} (batch {fp['peak_forward_batch']}, {fp['peak_forward_device']}, above the weights)")
+        return lines
+
     def format_summary(self) -> str:
         """Group and model totals (what ``vlmpress compress -q`` prints)."""
         lines = []
@@ -235,10 +263,24 @@ class CompressionReport:
             f"whole model       : {self.whole_model_params_before:,} -> {self.whole_model_params_after:,} params "
             f"({100 * self.whole_model_reduction:.2f}% removed)"
         )
-        if self.dense_layers:
-            lines.append(f"kept dense        : {len(self.dense_layers)} layers whose rank would not save parameters")
+        latency = self.latency_dense_layers
+        if len(self.dense_layers) > len(latency):
+            lines.append(f"kept dense        : {len(self.dense_layers) - len(latency)} layers whose rank would not save parameters")
+        if latency:
+            shown = ", ".join(latency[:4]) + (f" (+{len(latency) - 4} more)" if len(latency) > 4 else "")
+            lines.append(f"kept dense        : {len(latency)} layers where low-rank ran slower on the device: {shown}")
         for hit in self.bound_hits():
             lines.append(f"WARNING           : {hit}")
+        quantized = [l for l in self.layers if l.quant_weight_error is not None]
+        if quantized:
+            scheme = (self.config or {}).get("quantize", "?")
+            act = [l for l in quantized if l.quant_act_error is not None and l.act_error is not None]
+            errors = (
+                f"; mean activation error {sum(l.quant_act_error for l in act) / len(act):.4f} "
+                f"(low-rank alone {sum(l.act_error for l in act) / len(act):.4f})" if act else ""
+            )
+            lines.append(f"quantised         : {scheme} factors in {len(quantized)} layers{errors}")
+        lines += self.footprint_lines()
         skipped = (self.calibration or {}).get("skipped_images")
         if skipped:
             lines.append(

@@ -168,6 +168,15 @@ def lowrank_by_svd(model: torch.nn.Module, names: list[str], rank: int) -> None:
         replace_module(model, name, LowRankLinear.from_factors(a, b, layer.bias))
 
 
+def tiny_lowrank_open_clip(seed: int = 0, rank: int = 6) -> "OpenClipAdapter":
+    """:func:`tiny_open_clip` with every linear layer (attention split) replaced by a rank-``rank`` SVD."""
+    adapter = tiny_open_clip(seed=seed)
+    adapter.prepare_for_compression()
+    names = [n for n, m in adapter.model.named_modules() if isinstance(m, torch.nn.Linear)]
+    lowrank_by_svd(adapter.model, names, rank)
+    return adapter
+
+
 # ---------------------------------------------------------------------- more tiny families
 _TINY_TEXT_CFG = {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2}  # open_clip BPE
 
