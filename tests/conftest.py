@@ -35,3 +35,29 @@ def pytest_terminal_summary(terminalreporter):
         terminalreporter.section("vlmpress fault campaigns")
         for line in tally.LINES:
             terminalreporter.write_line(line)
+
+
+def _cli_compress_and_eval(spec: str, images, tmp_dir, *, ratio: float = 0.3) -> list[dict]:
+    """``vlmpress compress`` (SVD-LLM at ``ratio``) then ``vlmpress eval`` of base + compressed on an image
+    folder, through the CLI; returns the two result records."""
+    import json
+    from pathlib import Path
+
+    from vlmpress.cli import main
+
+    out, results = Path(tmp_dir) / "ckpt", Path(tmp_dir) / "results"
+    assert main([
+        "compress", "--model", spec, "--method", "svd_llm", "--ratio", str(ratio), "--calib-images", str(images),
+        "--device", "cpu", "--out", str(out),
+    ]) == 0
+    assert main([
+        "eval", "--model", spec, str(out), "--datasets", f"imagefolder:{images}", "--out", str(results),
+        "--device", "cpu", "--batch-size", "4", "--num-workers", "0", "--no-progress",
+    ]) == 0
+    return [json.loads(line) for line in (results / "results.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture()
+def cli_compress_and_eval():
+    """The CLI path of a generative VLM: compress, then eval base + compressed (returns the records)."""
+    return _cli_compress_and_eval

@@ -17,6 +17,7 @@ from vlmpress.evaluation.likelihood import (
     full_sequence_log_likelihoods,
 )
 from vlmpress.evaluation.metrics import compute_metrics
+from vlmpress.testing.genvlm import plain_per_class_log_likelihoods as _plain_per_class
 from vlmpress.testing.genvlm import save_tiny_llava, write_image_folder
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -30,19 +31,6 @@ def tiny(tmp_path_factory):
     model_dir = save_tiny_llava(root / "llava", seed=5)
     images = write_image_folder(root / "images", per_class=3)
     return HFLlavaAdapter.load(f"hf:{model_dir}"), f"hf:{model_dir}", images
-
-
-def _plain_per_class(adapter, pixels, captions):
-    """One ordinary forward of image + prompt + caption per (image, caption), summing caption-token log-probs."""
-    out = torch.zeros(len(pixels), len(captions))
-    for i in range(len(pixels)):
-        for j, caption in enumerate(captions):
-            batch = adapter.pair_batch(pixels[i : i + 1], [caption])
-            with torch.no_grad():
-                logp = torch.log_softmax(adapter.forward_tokens(batch).logits[0].double(), -1)
-            ids, mask = batch["input_ids"][0], batch["caption_mask"][0]
-            out[i, j] = sum(float(logp[t - 1, ids[t]]) for t in range(len(ids)) if mask[t])
-    return out
 
 
 @pytest.mark.parametrize("max_sequences", [1, 5, 256])
@@ -87,26 +75,16 @@ def test_evaluate_likelihood_metrics_and_perplexity(tiny, length_normalize):
     assert result.n_templates == 2 and result.length_normalize is length_normalize
 
 
-def test_cli_compress_then_eval_and_report(tiny, tmp_path, capsys):
+def test_cli_compress_then_eval_and_report(tiny, tmp_path, capsys, cli_compress_and_eval):
     from vlmpress.cli import main
 
     _, spec, images = tiny
-    out = tmp_path / "ckpt"
-    assert main([
-        "compress", "--model", spec, "--method", "svd_llm", "--ratio", "0.3", "--calib-images", str(images),
-        "--device", "cpu", "--out", str(out),
-    ]) == 0
-    results = tmp_path / "results"
-    assert main([
-        "eval", "--model", spec, str(out), "--datasets", f"imagefolder:{images}", "--out", str(results),
-        "--device", "cpu", "--batch-size", "4", "--num-workers", "0", "--no-progress",
-    ]) == 0
-    records = [json.loads(line) for line in (results / "results.jsonl").read_text().splitlines()]
+    records = cli_compress_and_eval(spec, images, tmp_path)
     assert len(records) == 2
     base, compressed = records
     assert base["method"] == "base" and compressed["method"] == "svd_llm"
     for rec in records:
         assert 0 <= rec["metrics"]["top1"] <= 1 and rec["metrics"]["caption_perplexity"] > 1
         assert rec["metrics"]["length_normalized"] == 0.0
-    assert main(["report", str(results / "results.jsonl")]) == 0
+    assert main(["report", str(tmp_path / "results" / "results.jsonl")]) == 0
     assert "svd" in capsys.readouterr().out.lower()

@@ -33,5 +33,9 @@ class DatasetError(VlmpressError, RuntimeError):
     """A dataset is missing or incomplete on disk."""
 
 
+class AdapterContractError(VlmpressError, TypeError):
+    """A (plugin) adapter returned something its interface does not allow, e.g. per-token encoder outputs."""
+
+
 class OutputError(VlmpressError, RuntimeError):
     """An output could not be written (disk full, no permission); what existed before is kept."""

@@ -3,8 +3,10 @@
 Owns the adapter interface (:mod:`~vlmpress.adapters.base`), structural layer discovery
 (:mod:`~vlmpress.adapters.discovery`), the registry that maps a model spec to an adapter class
 (:mod:`~vlmpress.adapters.registry`: built-ins, ``@register_adapter`` and entry-point plugins), one
-module per family (open_clip, HF dual encoders, HF causal LMs, HF generative VLMs), and the per-expert
-form of fused MoE experts (:mod:`~vlmpress.adapters.routed_experts`).
+module per family (open_clip, HF dual encoders, HF causal LMs, HF generative VLMs: the structure-driven
+base :mod:`~vlmpress.adapters.hf_generative` with :mod:`~vlmpress.adapters.genvlm_structure` and
+:mod:`~vlmpress.adapters.genvlm_inputs`, LLaVA / PaliGemma in :mod:`~vlmpress.adapters.hf_llava`), and the
+per-expert form of fused MoE experts (:mod:`~vlmpress.adapters.routed_experts`).
 
 May import :mod:`vlmpress.core`, :mod:`vlmpress.data`, :mod:`vlmpress.io` and :mod:`vlmpress.errors`;
 never the pipeline, evaluation or commands (loading a *compressed* checkpoint lives in

@@ -18,6 +18,7 @@ tokenize, encode_image, encode_text), which is all the zero-shot harness uses.
 
 from __future__ import annotations
 
+import logging
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from pathlib import Path
@@ -26,7 +27,7 @@ from typing import Any, Callable, ClassVar
 import torch
 from torch import nn
 
-from vlmpress.adapters.discovery import tower_inventory
+from vlmpress.adapters.discovery import tower_inventory, unreached_layers
 from vlmpress.adapters.layers import (  # noqa: F401  (re-exported: the historical vlmpress.adapters.base names)
     TargetLayer,
     get_submodule_parent,
@@ -34,6 +35,8 @@ from vlmpress.adapters.layers import (  # noqa: F401  (re-exported: the historic
     select_targets,
     weight_matrix,
 )
+
+logger = logging.getLogger(__name__)
 
 
 class ModelAdapter(ABC):
@@ -219,3 +222,54 @@ class VisionLanguageAdapter(ModelAdapter):
     def logit_scale(self) -> float:
         """The model's learned temperature (informational; zero-shot top-k does not need it)."""
         return 1.0
+
+    # ------------------------------------------------------------------ output probes
+    #: a short caption every tokenizer handles (the text probe)
+    PROBE_TEXT: ClassVar[str] = "a photo of a small thing"
+
+    def probe_pixels(self) -> torch.Tensor:
+        """One preprocessed image batch (1, C, H, W) for output probes (a grey image through :attr:`preprocess`)."""
+        from PIL import Image
+
+        return self.preprocess(Image.new("RGB", (64, 64), (127, 127, 127))).unsqueeze(0)
+
+    def probe_batch(self, group: str) -> Any:
+        """A tiny input of ``group``'s modality that :meth:`group_output` accepts."""
+        if self.group_modality[group] == "images":
+            return self.probe_pixels()
+        return self.tokenize([self.PROBE_TEXT])
+
+    def group_output(self, group: str, batch: Any) -> Any:
+        """What ``group``'s layers exist to produce, from a :meth:`probe_batch`: the tower's embeddings."""
+        if self.group_modality[group] == "images":
+            return self.encode_image(batch)
+        return self.encode_text(batch)
+
+    def reached_targets(self, candidates: list[TargetLayer]) -> list[TargetLayer]:
+        """``candidates`` minus the layers whose output never reaches their group's output.
+
+        Found by a call trace (:func:`vlmpress.adapters.discovery.unreached_layers`) of
+        :meth:`group_output` on a :meth:`probe_batch`, once per adapter (cached by layer name): a linear
+        the forward computes but never reads (a text pooler the contrastive path ignores) or never
+        calls is not a target. When a probe cannot run, the group keeps every candidate (logged).
+        """
+        unreached = getattr(self, "_unreached_layers", None)
+        if unreached is None:
+            unreached = set()
+            for group in dict.fromkeys(layer.group for layer in candidates):
+                mine = {layer.name: layer.module for layer in candidates if layer.group == group}
+                try:
+                    batch = self.probe_batch(group)
+                    found = unreached_layers(mine, lambda: self.group_output(group, batch))
+                except Exception as err:  # noqa: BLE001 - a probe is an optimisation of the target list, not a requirement
+                    logger.warning("could not trace which %s layers reach the output (%s); keeping all", group, err)
+                    continue
+                if found == set(mine):  # nothing reached: the output is computed without autograd
+                    logger.warning("the %s output does not depend on any candidate layer under autograd; keeping all", group)
+                    continue
+                if found:
+                    logger.info("%d %s layer(s) never reach the output and are not targets: %s", len(found), group,
+                                ", ".join(sorted(found)[:4]))
+                unreached |= found
+            self._unreached_layers = unreached
+        return [layer for layer in candidates if layer.name not in unreached]

@@ -23,7 +23,9 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
+import torch
 from torch import nn
 
 from vlmpress.adapters.layers import TargetLayer
@@ -47,9 +49,22 @@ def is_conv(module: nn.Module) -> bool:
     return isinstance(module, nn.modules.conv._ConvNd)
 
 
+_MLP_CONTAINER_RE = re.compile(r"mlp|ffn|feed_?forward|densereludense|intermediate", re.I)
+
+
 def layer_kind(path: str) -> str:
-    """``attn`` / ``mlp`` / ``other`` from the components of a dotted module path."""
+    """``attn`` / ``mlp`` / ``other`` from the components of a dotted module path.
+
+    The innermost container naming attention or a feed-forward part decides (CoCa's
+    ``cross_attn.0.mlp.c_fc`` is an MLP layer inside a cross-attention block); otherwise any
+    component naming attention, then any naming a feed-forward part.
+    """
     parts = path.split(".")
+    for part in reversed(parts[:-1]):
+        if _MLP_CONTAINER_RE.search(part) and not _ATTN_RE.search(part):
+            return "mlp"
+        if _ATTN_RE.search(part):
+            return "attn"
     if any(_ATTN_RE.search(p) for p in parts[:-1]) or _ATTN_RE.search(parts[-1]):
         return "attn"
     if any(_MLP_RE.search(p) for p in parts):
@@ -156,3 +171,58 @@ def tower_inventory(
             inv.conv_params += _params(module)
             inv.dense_convs.append(path)
     return out
+
+
+def _tensors(value: Any) -> list[torch.Tensor]:
+    """Every tensor in a (nested) model output: tensors, tuples/lists, dicts and ModelOutputs."""
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, Mapping):
+        return [t for v in value.values() for t in _tensors(v)]
+    if isinstance(value, (tuple, list)):
+        return [t for v in value for t in _tensors(v)]
+    return []
+
+
+def unreached_layers(modules: Mapping[str, nn.Module], run: Callable[[], Any]) -> set[str]:
+    """Names of ``modules`` whose output cannot influence what ``run()`` returns (a call trace).
+
+    During one forward (``run``, with autograd on), every layer's output gets a zero tensor added
+    that requires grad; afterwards the gradient of the outputs with respect to each of those zeros
+    is taken. A layer never called, or called but only feeding values the outputs do not depend
+    on (a text pooler the contrastive path does not read, the last vision block of a model that
+    reads the second-to-last hidden state), has no gradient path: it is *unreached*. The values of
+    the outputs are unchanged (adding zeros), and the test is structural, so it also runs on the
+    meta device.
+    """
+    probes: dict[str, list[torch.Tensor]] = {name: [] for name in modules}
+
+    def hook_for(name: str):
+        def hook(module: nn.Module, args: tuple, output: Any):
+            if not isinstance(output, torch.Tensor) or not output.is_floating_point():
+                return None
+            zero = torch.zeros_like(output, requires_grad=True)
+            probes[name].append(zero)
+            return output + zero
+
+        return hook
+
+    handles = [module.register_forward_hook(hook_for(name)) for name, module in modules.items()]
+    try:
+        with torch.enable_grad():
+            outputs = [t for t in _tensors(run()) if t.is_floating_point() and t.requires_grad]
+            leaves = [z for zs in probes.values() for z in zs]
+            if not outputs or not leaves:  # nothing called, or outputs computed without autograd
+                return set(modules)
+            total = sum(t.float().sum() for t in outputs)
+            grads = torch.autograd.grad(total, leaves, allow_unused=True)
+    finally:
+        for handle in handles:
+            handle.remove()
+    reached: set[str] = set()
+    index = 0
+    for name, zs in probes.items():
+        if any(g is not None for g in grads[index : index + len(zs)]):
+            reached.add(name)
+        index += len(zs)
+    return set(modules) - reached

@@ -248,7 +248,8 @@ class HFDualEncoderAdapter(VisionLanguageAdapter):
     def target_layers(self) -> list[TargetLayer]:
         self.prepare_for_compression()
         skip = [re.compile(p) for p in self.exclude_patterns]
-        return discover_targets(self.model, self.towers, skip=lambda name, _: any(p.search(name) for p in skip))
+        found = discover_targets(self.model, self.towers, skip=lambda name, _: any(p.search(name) for p in skip))
+        return self.reached_targets(found)
 
     @classmethod
     def build_meta(cls) -> "HFDualEncoderAdapter":

@@ -10,6 +10,9 @@ unaffected. Rewrites are registered by the class they apply to and are idempoten
   ``F.multi_head_attention_forward``. :class:`ModuleCallAttentionPool2d` computes the same pooled
   token with module calls; only the pooled (first) position is projected by ``q_proj``/``c_proj``,
   which is both exact and the right calibration input (the other queries never reach the output).
+* open_clip ``TextTransformer`` with an ``nn.Linear`` ``text_projection`` (SigLIP) tests
+  ``isinstance(text_projection, nn.Linear)`` and otherwise multiplies by it as a matrix, which a
+  low-rank replacement is not; :func:`_module_projection_forward` applies it as a module call.
 * timm ``EvaAttention`` with separate q/v biases applies ``F.linear(x, qkv.weight, qkv_bias)``;
   setting ``qkv_bias_separate`` makes it call ``qkv(x)`` and add the bias after (same function).
 """
@@ -62,18 +65,24 @@ def _attention_pool_forward(self, x: torch.Tensor) -> torch.Tensor:
     return self.c_proj(out.transpose(1, 2).reshape(n, -1))
 
 
-_POOL_CLASSES: dict[type, type] = {}
+#: (stock class, forward) -> its ``ModuleCall`` subclass (one per pair, so instances share it)
+_SWAPPED_CLASSES: dict[tuple[type, Callable], type] = {}
+
+
+def _swap_forward(module: nn.Module, forward: Callable) -> bool:
+    """Give ``module`` a subclass of its class with ``forward`` (parameters and state-dict keys unchanged)."""
+    key = (type(module), forward)
+    if key not in _SWAPPED_CLASSES:
+        _SWAPPED_CLASSES[key] = type("ModuleCall" + type(module).__name__, (type(module),), {"forward": forward})
+    module.__class__ = _SWAPPED_CLASSES[key]
+    return True
 
 
 @register_rewrite("AttentionPool2d")
 def _rewrite_attention_pool(module: nn.Module) -> bool:
     if not all(hasattr(module, a) for a in ("q_proj", "k_proj", "v_proj", "c_proj", "positional_embedding")):
         return False
-    base = type(module)
-    if base not in _POOL_CLASSES:
-        _POOL_CLASSES[base] = type("ModuleCall" + base.__name__, (base,), {"forward": _attention_pool_forward})
-    module.__class__ = _POOL_CLASSES[base]
-    return True
+    return _swap_forward(module, _attention_pool_forward)
 
 
 @register_rewrite("EvaAttention")
@@ -84,3 +93,28 @@ def _rewrite_eva_attention(module: nn.Module) -> bool:
         return False
     module.qkv_bias_separate = True
     return True
+
+
+def _module_projection_forward(self, text: torch.Tensor):
+    # the stock forward projects with ``pooled @ text_projection`` unless the projection is an
+    # ``nn.Linear``; a low-rank replacement is a module but no ``nn.Linear``, so the forward runs
+    # without it and the projection is applied here as a module call
+    projection = self._modules.get("text_projection")
+    if projection is None or isinstance(projection, nn.Linear):
+        return super(type(self), self).forward(text)
+    self._modules["text_projection"] = None
+    try:
+        out = super(type(self), self).forward(text)
+    finally:
+        self._modules["text_projection"] = projection
+    if isinstance(out, tuple):
+        return (projection(out[0]), *out[1:])
+    return projection(out)
+
+
+@register_rewrite("TextTransformer")
+def _rewrite_text_transformer(module: nn.Module) -> bool:
+    """open_clip ``TextTransformer`` with a linear ``text_projection`` (SigLIP): keep it a module call."""
+    if not isinstance(module._modules.get("text_projection"), nn.Linear):
+        return False
+    return _swap_forward(module, _module_projection_forward)

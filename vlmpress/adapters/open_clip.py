@@ -12,8 +12,13 @@ transformers text towers: RoBERTa, XLM-R, MT5, NLLB) are supported, with any vis
 builds: its own ViT, ModifiedResNet (attention pool) or a timm trunk (ViT, EVA, SigLIP, ViTamin, PE,
 Swin, ConvNeXt, FastViT) with attentional poolers and projection heads. Targets are found from the
 module structure (:mod:`vlmpress.adapters.discovery`): every linear layer under ``visual.`` is a
-vision target, every one under ``transformer.``/``text.`` a text target. Convolutions, embeddings
-and parameter-matrix projections (``visual.proj``, ``text_projection``) stay dense.
+vision target, every one under ``transformer.``/``text.`` a text target, minus layers a call trace
+shows never reach the tower's output. Convolutions, embeddings and parameter-matrix projections
+(``visual.proj``, ``text_projection``) stay dense.
+
+CoCa (a model with a ``text_decoder``) gets a third group, ``multimodal``: the captioning decoder,
+calibrated on image/caption pairs through the model's own captioning forward (see
+``docs/generative-vlms.md``). Its text tower appends a class token; the text mask covers it.
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ from vlmpress.adapters.attention import SplitMultiheadAttention, dense_weight, s
 from vlmpress.adapters.base import TargetLayer, VisionLanguageAdapter
 from vlmpress.adapters.discovery import discover_targets
 from vlmpress.adapters.module_calls import prepare_module_calls
-from vlmpress.errors import CheckpointError, ConfigError, UnknownModelSpecError, VlmpressError
+from vlmpress.errors import CalibrationError, CheckpointError, ConfigError, UnknownModelSpecError, VlmpressError
 from vlmpress.io.resources import project_root
 
 logger = logging.getLogger(__name__)
@@ -215,6 +220,24 @@ def _text_tower(model: nn.Module) -> nn.Module:
     return model.text if hasattr(model, "text") else model
 
 
+def _multimodal_decoder(model: nn.Module) -> nn.Module | None:
+    """The decoder that reads image tokens and text tokens together (CoCa's ``text_decoder``), if any."""
+    decoder = getattr(model, "text_decoder", None)
+    return decoder if isinstance(decoder, nn.Module) else None
+
+
+def _appended_text_tokens(tower: nn.Module) -> int:
+    """How many positions the text tower appends after the token ids (CoCa's class token: 1).
+
+    Read from the structure: the positional table covers ``context_length`` ids plus the appended
+    positions (``num_pos``); a tower without those attributes appends ``cls_emb`` when it has one.
+    """
+    num_pos, context = getattr(tower, "num_pos", None), getattr(tower, "context_length", None)
+    if isinstance(num_pos, int) and isinstance(context, int):
+        return num_pos - context
+    return int(getattr(tower, "cls_emb", None) is not None)
+
+
 @register_adapter
 class OpenClipAdapter(VisionLanguageAdapter):
     """Adapter for open_clip ``CLIP`` / ``CustomTextCLIP`` models."""
@@ -238,6 +261,10 @@ class OpenClipAdapter(VisionLanguageAdapter):
         self.preprocess = preprocess
         self.tokenizer = tokenizer
         self.model_cfg = model_cfg
+        if _multimodal_decoder(model) is not None:  # CoCa: a captioning decoder over image + text tokens
+            self.groups = (*type(self).groups, "multimodal")
+            self.group_modality = {**type(self).group_modality, "multimodal": "tokens"}
+            self.towers = {**type(self).towers, "multimodal": ("text_decoder.",)}
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -388,7 +415,7 @@ class OpenClipAdapter(VisionLanguageAdapter):
         if count:
             logger.info("prepared %d attention module(s) of %s for compression", count, self.model_name)
 
-    #: module-path prefixes of each tower (CoCa's multimodal ``text_decoder`` is no contrastive tower)
+    #: module-path prefixes of each tower (CoCa adds ``"multimodal": ("text_decoder.",)`` per instance)
     towers = {"vision": ("visual.",), "text": ("transformer.", "text.")}
 
     def target_layers(self) -> list[TargetLayer]:
@@ -400,7 +427,10 @@ class OpenClipAdapter(VisionLanguageAdapter):
         packed ``attn.qkv`` stays one layer (factorised with its shared input).
         """
         self.prepare_for_compression()
-        return discover_targets(self.model, self.towers)
+        targets = self.reached_targets(discover_targets(self.model, self.towers))
+        if "multimodal" in self.groups:
+            self._key_value_layers()  # traced now: during calibration the trace's forward would be collected
+        return targets
 
     def text_valid_mask(self, tokens: torch.Tensor) -> torch.Tensor | None:
         """(batch, seq) bool mask of text positions that can influence the pooled text embedding.
@@ -413,6 +443,8 @@ class OpenClipAdapter(VisionLanguageAdapter):
         seq = torch.arange(tokens.shape[1], device=tokens.device)
         if hasattr(tower, "config") and hasattr(tower, "transformer") and not hasattr(tower, "attn_mask"):
             return tokens != tower.config.pad_token_id  # HFTextEncoder: bidirectional with a padding mask
+        if _appended_text_tokens(tower):
+            return self._appended_token_mask(tower, tokens)
         pool_type = getattr(tower, "text_pool_type", None) or getattr(tower, "pool_type", "argmax")
         causal = getattr(tower, "attn_mask", None) is not None
         if causal:
@@ -431,6 +463,52 @@ class OpenClipAdapter(VisionLanguageAdapter):
             return tokens != tower.pad_id
         return None
 
+    @staticmethod
+    def _appended_token_mask(tower: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+        """Valid positions of a text tower that appends tokens after the ids (CoCa's class token).
+
+        The tower's sequence is the ids followed by the appended positions, so the mask is as long as
+        the tower's real sequence, not the ids. The pooled (last, appended) token always counts; the
+        others count when they are keys the tower's own padding mask lets through -- open_clip's rule
+        places the appended token's key flag at the end (``correct_cls_mask``) or, in the legacy layout
+        pretrained CoCa weights use, at the front (shifting the id flags by one).
+        """
+        extra = _appended_text_tokens(tower)
+        keys = tokens != getattr(tower, "pad_id", 0)
+        ones = keys.new_ones(keys.shape[0], extra)
+        keys = torch.cat([keys, ones] if getattr(tower, "correct_cls_mask", True) else [ones, keys], dim=1)
+        keys[:, -1] = True  # the pooled token's own row always reaches the embedding
+        return keys
+
+    def caption_valid_mask(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(batch, seq - 1) decoder positions that predict a real caption token (the captioning loss's)."""
+        return tokens[:, 1:] != getattr(self.model, "pad_id", 0)
+
+    def _key_value_layers(self) -> frozenset[str]:
+        """Decoder key/value projections that read the image tokens (cross-attention), found by a call trace."""
+        cached = getattr(self, "_cross_kv", None)
+        if cached is not None:
+            return cached
+        decoder = _multimodal_decoder(self.model)
+        found: set[str] = set()
+        handles = []
+        for name, module in decoder.named_modules():
+            if isinstance(module, SplitMultiheadAttention):
+                def hook(module, args, kwargs, name=name):
+                    query = args[0] if args else kwargs.get("query")
+                    key = args[1] if len(args) > 1 else kwargs.get("key")
+                    if key is not None and key is not query:
+                        found.update(f"text_decoder.{name}.{p}" for p in ("k_proj", "v_proj"))
+                handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
+        try:
+            with torch.no_grad():
+                self.group_output("multimodal", self.probe_batch("multimodal"))
+        finally:
+            for handle in handles:
+                handle.remove()
+        self._cross_kv = frozenset(found)
+        return self._cross_kv
+
     def calibration_forward(self, group: str, batch: Any, collector) -> None:
         with torch.no_grad():
             if group == "vision":
@@ -439,8 +517,55 @@ class OpenClipAdapter(VisionLanguageAdapter):
                 tokens = self.tokenize(batch) if not isinstance(batch, torch.Tensor) else batch.to(self.device)
                 with collector.mask(self.text_valid_mask(tokens)):
                     self.encode_text(tokens)
+            elif group == "multimodal" and group in self.groups:
+                # the model's own captioning forward: teacher-forced caption after the image tokens
+                tokens = batch["tokens"].to(self.device)
+                if getattr(self, "_cross_kv", None) is None:
+                    raise CalibrationError("call target_layers() before calibrating the multimodal group")
+                with collector.mask(self.caption_valid_mask(tokens), unmasked=self._key_value_layers()):
+                    self.group_output(group, batch)
             else:
-                raise ConfigError(f"open_clip models have groups {self.groups}, not '{group}'")
+                raise ConfigError(f"open_clip model '{self.model_name}' has groups {', '.join(self.groups)}, not '{group}'")
+
+    def token_batches(self, calibration: Any, batch_size: int) -> list[dict[str, torch.Tensor]]:
+        """The ``multimodal`` group's batches: image ``i`` with caption ``i`` (captions cycled over the images)."""
+        images, captions = list(getattr(calibration, "images", []) or []), list(getattr(calibration, "captions", []) or [])
+        if not images or not captions:
+            raise CalibrationError(
+                f"the multimodal decoder of '{self.model_name}' calibrates on images with captions; "
+                f"got {len(images)} images and {len(captions)} captions (pass --calib-images and --calib-captions)"
+            )
+        from vlmpress.data.calibration import image_batches
+
+        batches, start = [], 0
+        for pixels in image_batches(images, self.preprocess, batch_size, 0):
+            texts = [captions[(start + i) % len(captions)] for i in range(pixels.shape[0])]
+            batches.append({"pixels": pixels, "tokens": self.tokenize(texts).cpu()})
+            start += pixels.shape[0]
+        return batches
+
+    # ------------------------------------------------------------------ output probes
+    def probe_pixels(self) -> torch.Tensor:
+        if self.preprocess is not None:
+            return super().probe_pixels()
+        size = getattr(self.model.visual, "image_size", 224)  # built without transforms (meta surveys)
+        size = tuple(size) if isinstance(size, (list, tuple)) else (size, size)
+        return torch.zeros(1, 3, *size, device=self.device)
+
+    def probe_batch(self, group: str) -> Any:
+        if group == "multimodal":
+            return {"pixels": self.probe_pixels(), "tokens": self.probe_batch("text")}
+        if group == "text" and self.tokenizer is None:
+            context = getattr(_text_tower(self.model), "context_length", None) or 77
+            return torch.ones(1, context, dtype=torch.long, device=self.device)
+        return super().probe_batch(group)
+
+    def group_output(self, group: str, batch: Any) -> Any:
+        """Embeddings for the contrastive towers; the captioning logits for CoCa's multimodal decoder."""
+        if group == "multimodal":
+            out = self.model(batch["pixels"].to(self.device), batch["tokens"].to(self.device))
+            return out["logits"]
+        return super().group_output(group, batch)
 
     # ------------------------------------------------------------------ export
     def merge_to_stock_state_dict(self) -> dict[str, torch.Tensor]:

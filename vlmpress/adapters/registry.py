@@ -45,6 +45,7 @@ _BUILTIN: dict[str, str] = {
     "hf_causal_lm": "vlmpress.adapters.hf_causal_lm:HFCausalLMAdapter",
     "hf_llava": "vlmpress.adapters.hf_llava:HFLlavaAdapter",
     "hf_paligemma": "vlmpress.adapters.hf_llava:HFPaliGemmaAdapter",
+    "hf_generative": "vlmpress.adapters.hf_generative:HFGenerativeVLMAdapter",
 }
 
 _REGISTRY: dict[str, type[ModelAdapter]] = {}
@@ -216,6 +217,7 @@ def _hf_unsupported(spec: str) -> UnknownModelSpecError:
         )
     reason = (
         f"it is neither a dual encoder (built in: {_supported_hf_types()}), a generative vision-language model "
+        "(an image-text-to-text type whose vision tower / connector / language model the generative base finds) "
         "nor a causal LM (a text-only family with an AutoModelForCausalLM class, configured as a decoder: "
         "masked-LM families need is_decoder=true)"
     )

@@ -139,6 +139,7 @@ class CovarianceCollector:
         self._last_owner: str | None = None
         self._mask: torch.Tensor | None = None
         self._mask_all = False  # the current mask keeps every position
+        self._unmasked: frozenset[str] = frozenset()
         self._handles: list = []
         self._released: set[str] = set()
 
@@ -172,19 +173,22 @@ class CovarianceCollector:
         return bool(self._handles)
 
     @contextlib.contextmanager
-    def mask(self, valid: torch.Tensor | None) -> Iterator[None]:
+    def mask(self, valid: torch.Tensor | None, *, unmasked: Iterable[str] = ()) -> Iterator[None]:
         """Only positions where ``valid`` is True are accumulated during this block.
 
         ``valid`` is a bool tensor matching the input's leading dims, e.g. (batch, seq); a
-        sequence-first layer's (seq, batch) layout is recognised and transposed.
+        sequence-first layer's (seq, batch) layout is recognised and transposed. Layers named in
+        ``unmasked`` read another sequence whose rows are all real (a cross-attention's key/value
+        projections reading image tokens while the queries are padded text) and accumulate every row.
         """
-        previous = self._mask, self._mask_all
+        previous = self._mask, self._mask_all, self._unmasked
         self._mask = None if valid is None else valid.to(torch.bool)
         self._mask_all = self._mask is not None and bool(self._mask.all())
+        self._unmasked = frozenset(unmasked)
         try:
             yield
         finally:
-            self._mask, self._mask_all = previous
+            self._mask, self._mask_all, self._unmasked = previous
 
     def _make_hook(self, name: str) -> Callable:
         def hook(module: nn.Module, args: tuple) -> None:
@@ -197,7 +201,7 @@ class CovarianceCollector:
     # ------------------------------------------------------------------ accumulation
     def _select(self, name: str, x: torch.Tensor) -> torch.Tensor:
         flat = x.detach().reshape(-1, x.shape[-1])
-        if self._mask is None:
+        if self._mask is None or name in self._unmasked:
             return flat
         lead = tuple(x.shape[:-1])
         if self._mask_all:  # every position is real: nothing to select, whatever the layout

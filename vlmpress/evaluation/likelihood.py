@@ -45,7 +45,9 @@ DEFAULT_MAX_SEQUENCES = 256
 
 def supports_likelihood(adapter) -> bool:
     """True for adapters of generative VLMs (image prefix + caption continuation)."""
-    return all(hasattr(adapter, a) for a in ("prefix_ids", "caption_ids", "preprocess", "model"))
+    return all(hasattr(adapter, a) for a in ("caption_ids", "preprocess", "model")) and (
+        hasattr(adapter, "encode_prefixes") or hasattr(adapter, "prefix_ids")
+    )
 
 
 def _padded_captions(adapter, captions: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -77,9 +79,13 @@ def caption_log_likelihoods(
     """(images x captions) summed caption-token log-probabilities given each image, and (captions,) token counts.
 
     The image + prompt prefix is run once per image batch (KV cache); every caption continues from it.
+    Models whose prefix differs per image (``fixed_prefix`` False) encode each image's own prefix
+    (:func:`per_image_prefix_log_likelihoods`).
     """
     if not captions:
         raise ConfigError("no captions to score")
+    if not getattr(adapter, "fixed_prefix", True):
+        return per_image_prefix_log_likelihoods(adapter, pixels, captions, max_sequences=max_sequences)
     dev = adapter.input_device
     cap_ids, cap_mask = _padded_captions(adapter, captions)
     cap_ids, cap_mask = cap_ids.to(dev), cap_mask.to(dev)
@@ -108,6 +114,44 @@ def caption_log_likelihoods(
         lp = _token_log_probs(logits[:, :-1], inp[:, 1:]) * mask[:, 1:].repeat(n_img, 1)
         scores[:, start : start + k] += lp.sum(-1).view(n_img, k)
         del trial
+    return scores, cap_mask.sum(-1).cpu()
+
+
+@torch.inference_mode()
+def per_image_prefix_log_likelihoods(
+    adapter, pixels: torch.Tensor, captions: Sequence[str], *, max_sequences: int = DEFAULT_MAX_SEQUENCES
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`caption_log_likelihoods` for prefixes of their own length per image.
+
+    Each image's prefix (its own image tokens, M-RoPE positions, tiles) is encoded once by the
+    model's processor and prefilled with a KV cache; the captions continue from copies of that cache.
+    The continuation gets no attention mask: the prefix has no padding and the captions are right
+    padded, so every scored position sees exactly its prefix and its caption's earlier tokens, and
+    models that place positions themselves (Qwen2-VL's ``rope_deltas``) continue from the prefix.
+    """
+    dev = adapter.input_device
+    cap_ids, cap_mask = _padded_captions(adapter, captions)
+    cap_ids, cap_mask = cap_ids.to(dev), cap_mask.to(dev)
+    n_img, n_cap = pixels.shape[0], cap_ids.shape[0]
+    scores = torch.empty((n_img, n_cap), dtype=torch.float32, device=dev)
+    chunk = max(1, max_sequences)
+    for b in range(n_img):
+        out = adapter.model(**adapter.prefix_inputs(adapter.encode_prefixes(pixels[b : b + 1])), use_cache=True)
+        cache = _model_cache(out)
+        if cache is None:
+            raise ConfigError(f"{type(adapter.model).__name__} returned no KV cache; prefix reuse needs use_cache support")
+        first = torch.log_softmax(out.logits[0, -1].float(), dim=-1)  # predicts the first caption token
+        scores[b] = first[cap_ids[:, 0]]
+        if cap_ids.shape[1] < 2:
+            continue
+        for start in range(0, n_cap, chunk):
+            ids, mask = cap_ids[start : start + chunk], cap_mask[start : start + chunk]
+            trial = copy.deepcopy(cache)
+            trial.batch_repeat_interleave(ids.shape[0])
+            logits = adapter.model(input_ids=ids, cache=trial, use_cache=True).logits
+            lp = _token_log_probs(logits[:, :-1], ids[:, 1:]) * mask[:, 1:]
+            scores[b, start : start + ids.shape[0]] += lp.sum(-1)
+            del trial
     return scores, cap_mask.sum(-1).cpu()
 
 
@@ -237,5 +281,6 @@ __all__ = [
     "class_scores",
     "evaluate_likelihood",
     "full_sequence_log_likelihoods",
+    "per_image_prefix_log_likelihoods",
     "supports_likelihood",
 ]

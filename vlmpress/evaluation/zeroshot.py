@@ -34,7 +34,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from vlmpress.data.datasets import ZeroShotDataset, format_prompt
-from vlmpress.errors import ConfigError, DatasetError
+from vlmpress.errors import AdapterContractError, ConfigError, DatasetError
 from vlmpress.evaluation.metrics import ClassificationMetrics, MetricAccumulator
 
 logger = logging.getLogger(__name__)
@@ -92,6 +92,17 @@ def preprocess_fingerprint(transform: Callable) -> str:
 
 # ---------------------------------------------------------------------------------------------- text side
 @torch.inference_mode()
+def checked_embeddings(out: Any, n: int, adapter, what: str) -> torch.Tensor:
+    """``out`` if it is a (n, dim) embedding tensor, else a one-line :class:`AdapterContractError`."""
+    if isinstance(out, torch.Tensor) and out.dim() == 2 and out.shape[0] == n:
+        return out
+    shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+    raise AdapterContractError(
+        f"adapter '{getattr(adapter, 'family', type(adapter).__name__)}' {what} returned {shape} for a batch of {n}; "
+        "it must return (batch, dim) embeddings (pool per-token outputs before returning them)"
+    )
+
+
 def build_text_classifier(
     adapter,
     classnames: Sequence[str],
@@ -113,7 +124,8 @@ def build_text_classifier(
             range(0, len(prompts), batch_size), desc="text prompts", unit="batch", disable=not show_progress, leave=False
         ):
             tokens = _to_device(adapter.tokenize(prompts[start : start + batch_size]), dev)
-            chunks.append(adapter.encode_text(tokens).float())
+            n = min(batch_size, len(prompts) - start)
+            chunks.append(checked_embeddings(adapter.encode_text(tokens), n, adapter, "encode_text").float())
     emb = torch.cat(chunks)
     emb = emb / emb.norm(dim=-1, keepdim=True)
     emb = emb.view(len(classnames), len(templates), -1).mean(dim=1)
@@ -339,7 +351,7 @@ def evaluate_zeroshot(
         for pixels, labels in _batches(data, adapter, batch_size, num_workers, dev):
             pixels = pixels.to(dev, dtype=in_dtype, non_blocking=True)
             with autocast_context(dev, precision):
-                feats_list.append(adapter.encode_image(pixels).float())
+                feats_list.append(checked_embeddings(adapter.encode_image(pixels), pixels.shape[0], adapter, "encode_image").float())
             labels_list.append(torch.as_tensor(labels).view(-1))
             bar.update(len(labels))
     # scoring once at the end (features are n x dim, small) keeps the per-batch work to the encoder

@@ -19,7 +19,7 @@ class _NoCollector:
 
     modules: dict = {}
 
-    def mask(self, valid):
+    def mask(self, valid, *, unmasked=()):  # same signature as CovarianceCollector.mask
         return contextlib.nullcontext()
 
 

@@ -1,7 +1,7 @@
-"""Conformance checks for generative VLM adapters (``vision tower -> projector -> decoder LM``).
+"""Conformance checks for generative VLM adapters (``vision tower -> connector -> decoder LM``).
 
 :func:`check_generative_adapter` is what :func:`vlmpress.testing.check_adapter` runs for a
-:class:`~vlmpress.adapters.hf_llava.HFGenerativeVLMAdapter`; every check compares next-token
+:class:`~vlmpress.adapters.hf_generative.HFGenerativeVLMAdapter`; every check compares next-token
 logits of the same image + caption batch, built with the adapter's own ``pixel_values`` /
 ``pair_batch`` (the inputs calibration and the likelihood harness use).
 """
@@ -119,7 +119,7 @@ def check_generative_adapter(
     """Conformance checks for a generative VLM adapter; raises AssertionError on the first failure.
 
     ``adapter`` is a freshly loaded (uncompressed, eval-mode)
-    :class:`~vlmpress.adapters.hf_llava.HFGenerativeVLMAdapter` with its processor. On a batch of
+    :class:`~vlmpress.adapters.hf_generative.HFGenerativeVLMAdapter` with its processor. On a batch of
     two random images answered by captions of different lengths (:meth:`pair_batch`):
 
     1. :meth:`prepare_for_compression` leaves the next-token logits unchanged (1e-5);

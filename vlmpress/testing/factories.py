@@ -195,7 +195,27 @@ def tiny_open_clip_from_cfg(name: str, model_cfg: dict, config_dir: str | Path, 
     open_clip.add_model_config(config_dir)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return OpenClipAdapter.load(f"open_clip:{name}", pretrained_hf=False).eval()
+        return initialise_uninitialised(OpenClipAdapter.load(f"open_clip:{name}", pretrained_hf=False).eval())
+
+
+def initialise_uninitialised(adapter):
+    """Re-run open_clip's ``init_parameters`` on every module that has one (random-init models only).
+
+    open_clip's CoCa never initialises its decoder's ``text_projection`` (``torch.empty``: zeros or
+    NaN, whatever the memory held); pretrained weights overwrite it, a random test model must not keep it.
+    """
+    with torch.no_grad():
+        for module in adapter.model.modules():
+            init = getattr(module, "init_parameters", None)
+            if not callable(init):
+                continue
+            try:
+                init()
+            except (AttributeError, NotImplementedError):  # CoCa's decoder init reads attributes it lacks
+                projection = getattr(module, "text_projection", None)
+                if isinstance(projection, torch.nn.Parameter):
+                    torch.nn.init.normal_(projection, std=projection.shape[0] ** -0.5)
+    return adapter
 
 
 def tiny_open_clip_resnet(config_dir: str | Path, seed: int = 0) -> "OpenClipAdapter":
@@ -211,6 +231,18 @@ def tiny_open_clip_timm(config_dir: str | Path, trunk: str = "test_vit", seed: i
                                            "timm_pool": "avg", "timm_proj": "linear", "image_size": 160},
            "text_cfg": _TINY_TEXT_CFG, "custom_text": True}
     return tiny_open_clip_from_cfg(f"vlmpress-test-{trunk.replace('_', '-')}", cfg, config_dir, seed)
+
+
+def tiny_open_clip_coca(config_dir: str | Path, seed: int = 0) -> "OpenClipAdapter":
+    """open_clip CoCa (contrastive towers + multimodal captioning decoder), shrunk from ``coca_ViT-B-32``."""
+    cfg = {"embed_dim": 32,
+           "vision_cfg": {"image_size": 32, "layers": 2, "width": 32, "patch_size": 8, "head_width": 16,
+                          "attentional_pool": True, "attn_pooler_heads": 2, "output_tokens": True},
+           "text_cfg": dict(_TINY_TEXT_CFG, embed_cls=True, output_tokens=True),
+           "multimodal_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2,
+                              "attn_pooler_heads": 2},
+           "custom_text": True}
+    return tiny_open_clip_from_cfg("vlmpress-test-coca", cfg, config_dir, seed)
 
 
 def tiny_open_clip_hf_text(directory: str | Path, seed: int = 0) -> "OpenClipAdapter":

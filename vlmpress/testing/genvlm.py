@@ -76,9 +76,16 @@ def save_tiny_llava(
         vision_config=vision, text_config=text, image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
         projector_hidden_act="gelu", tie_word_embeddings=False,
     )
+    return save_seeded(LlavaForConditionalGeneration, config, processor, directory, seed)
+
+
+def save_seeded(model_cls, config, processor, directory: str | Path, seed: int) -> Path:
+    """``model_cls(config)`` initialised under ``seed`` (the global RNG untouched), saved with ``processor``."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = LlavaForConditionalGeneration(config).eval()
+        model = model_cls(config).eval()
     model.save_pretrained(directory, safe_serialization=True)
     processor.save_pretrained(directory)
     return directory
@@ -108,7 +115,21 @@ def write_image_folder(root: str | Path, classes: tuple[str, ...] = ("cat", "dog
     return root
 
 
-__all__ = ["CHAT_TEMPLATE", "save_tiny_llava", "save_tiny_paligemma", "tiny_llava", "tiny_vlm_tokenizer", "write_image_folder"]
+def plain_per_class_log_likelihoods(adapter, pixels: torch.Tensor, captions: list[str]) -> torch.Tensor:
+    """The reference for likelihood zero-shot: one ordinary forward (no cache) of image + prompt + caption
+    per (image, caption), summing the caption tokens' log-probabilities (accumulated in float64)."""
+    out = torch.zeros(len(pixels), len(captions))
+    for i in range(len(pixels)):
+        for j, caption in enumerate(captions):
+            batch = adapter.pair_batch(pixels[i : i + 1], [caption])
+            with torch.no_grad():
+                logp = torch.log_softmax(adapter.forward_tokens(batch).logits[0].double(), -1)
+            ids, mask = batch["input_ids"][0], batch["caption_mask"][0]
+            out[i, j] = sum(float(logp[t - 1, ids[t]]) for t in range(len(ids)) if mask[t])
+    return out
+
+
+__all__ = ["CHAT_TEMPLATE", "plain_per_class_log_likelihoods", "save_seeded", "save_tiny_llava", "save_tiny_paligemma", "tiny_llava", "tiny_vlm_tokenizer", "write_image_folder"]
 
 
 def save_tiny_paligemma(directory: str | Path, seed: int = 0, *, image_size: int = 32, patch_size: int = 8, hidden: int = 32) -> Path:
@@ -144,9 +165,4 @@ def save_tiny_paligemma(directory: str | Path, seed: int = 0, *, image_size: int
         vision_config=vision, text_config=text, image_token_id=processor.image_token_id, projection_dim=hidden,
     )
     config.vision_config.projection_dim = hidden
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = PaliGemmaForConditionalGeneration(config).eval()
-    model.save_pretrained(directory, safe_serialization=True)
-    processor.save_pretrained(directory)
-    return directory
+    return save_seeded(PaliGemmaForConditionalGeneration, config, processor, directory, seed)
